@@ -1,0 +1,5 @@
+"""The one error type for bad user input; the CLI prints it as a single line and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input (file, field, argument) described in one line that names what is wrong."""
