@@ -1,0 +1,472 @@
+"""The `distdpo_completion` ROS 2 node: a LiDAR scan in, the completed scene out.
+
+Subscribes to `/velodyne_points` (sensor_msgs/PointCloud2, best effort by default) and publishes
+`/distdpo/completed_points` (x, y, z float32) with the input's header. Scans are read and checked
+in the subscription callback (about a millisecond, no model work); a worker thread completes one
+scan at a time and always takes the newest one: a scan that arrives while another is waiting
+replaces it and is counted as dropped, so latency never grows with the input rate. Malformed
+scans are rejected with a rate-limited warning naming the reason and a per-reason counter.
+Latency, drops and rejects go to `/diagnostics` (when diagnostic_msgs is installed) and to a
+periodic log line.
+
+Run it with `ros2 launch distdpo_ros complete.launch.py`, `ros2 run distdpo_ros completion_node`
+or the `completion_node` console script (parameters from `--ros-args --params-file
+config/completion.yaml`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import PointCloud2
+
+from distdpo_ros import pointcloud
+from distdpo_ros.errors import UserError
+
+try:  # optional: only the periodic log line without it
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+except ImportError:  # pragma: no cover - the ROS wheels and every ROS install ship it
+    DiagnosticArray = None
+
+NODE_NAME = 'distdpo_completion'
+INPUT_TOPIC = '/velodyne_points'
+OUTPUT_TOPIC = '/distdpo/completed_points'
+REJECT_REASONS = pointcloud.REASONS + ('no_points_in_range',)
+
+
+class CompleterLike(Protocol):
+    """What the node needs from a model: distdpo_ros.completion.Completer or a test double."""
+
+    def complete(self, points: np.ndarray, steps: int | None = None,
+                 guidance: float | None = None, refine: bool = False,
+                 seed: int | None = None) -> np.ndarray: ...
+
+
+@dataclass
+class _Param:
+    default: Any
+    description: str
+    read_only: bool = True
+    low: float | None = None
+    high: float | None = None
+
+
+# The node's parameters; config/completion.yaml carries the same defaults (a test checks it).
+PARAMETERS: dict[str, _Param] = {
+    'model': _Param('default', 'checkpoint directory, or a shipped model name ("default")'),
+    'device': _Param('auto', 'auto (cuda when available), cpu or cuda[:N]'),
+    'steps': _Param(8, 'sampler steps per scan (changeable at run time)', False, 1, 1000),
+    'guidance': _Param(3.5, 'classifier-free guidance weight (changeable at run time)', False,
+                       0.0, 50.0),
+    'refine': _Param(False, 'run the x6 refinement network after sampling', False),
+    'points': _Param(0, 'publish at most this many points, a seeded random subset (0: all)',
+                     False, 0, 50_000_000),
+    'min_range': _Param(0.0, 'drop input points closer than this [m] (0: keep)', False,
+                        0.0, 1000.0),
+    'max_range': _Param(0.0, 'drop input points farther than this [m] (0: keep)', False,
+                        0.0, 1000.0),
+    'seed': _Param(0, 'sampler seed; -1 draws a new one for every scan', False, -1, 2**31 - 1),
+    'reliability': _Param('best_effort', 'input QoS reliability: best_effort or reliable'),
+    'depth': _Param(2, 'input QoS queue depth', True, 1, 100),
+    'max_points': _Param(pointcloud.MAX_POINTS, 'reject input clouds with more points', True,
+                         1, 100_000_000),
+    'warmup': _Param(True, 'complete a synthetic scan at start so the first real one is fast'),
+    'diagnostics_period': _Param(1.0, 'seconds between /diagnostics messages', True, 0.1, 60.0),
+    'log_period': _Param(10.0, 'seconds between statistics log lines (0: never)', True,
+                         0.0, 3600.0),
+    'warn_period': _Param(5.0, 'at most one warning per reject reason in this many seconds',
+                          True, 0.0, 3600.0),
+}
+
+
+def _descriptor(name: str, spec: _Param) -> ParameterDescriptor:
+    desc = ParameterDescriptor(name=name, description=spec.description, read_only=spec.read_only)
+    if spec.low is None or isinstance(spec.default, bool):
+        return desc
+    if isinstance(spec.default, int):
+        desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high),
+                                           step=1)]
+    else:
+        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low),
+                                                        to_value=float(spec.high), step=0.0)]
+    return desc
+
+
+class LatestSlot:
+    """A one-item mailbox: `put` replaces what is waiting, `take` blocks for the next item."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Store `item`; return True when it replaced an item nobody had taken yet."""
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The waiting item (removing it), or None on timeout or after close()."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
+            item, self._item = self._item, None
+            return None if self._closed else item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class RateLimitedWarnings:
+    """At most one log call per key and period; the next one says how many were suppressed."""
+
+    def __init__(self, log: Callable[[str], Any], period: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._period, self._clock = log, period, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warn(self, key: str, text: str) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._period:
+            self._suppressed[key] += 1
+            return False
+        extra = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        self._log(text + (f' ({extra} similar warnings suppressed)' if extra else ''))
+        return True
+
+
+@dataclass
+class Stats:
+    """Counters and a window of recent timings (seconds), shared by the callback and the worker."""
+
+    window: int = 200
+    received: int = 0
+    completed: int = 0
+    dropped: int = 0
+    failed: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    latency: deque[float] = field(default_factory=deque)  # receive -> publish
+    model: deque[float] = field(default_factory=deque)  # inside complete()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_timing(self, latency: float, model: float) -> None:
+        with self.lock:
+            self.completed += 1
+            for values, value in ((self.latency, latency), (self.model, model)):
+                values.append(value)
+                if len(values) > self.window:
+                    values.popleft()
+
+    def summary(self) -> dict[str, Any]:
+        """Totals and median/p95/max of the recent window (milliseconds)."""
+        with self.lock:
+            out: dict[str, Any] = {
+                'received': self.received, 'completed': self.completed,
+                'dropped': self.dropped, 'failed': self.failed,
+                'rejected': sum(self.rejected.values()),
+                'rejected_by_reason': dict(self.rejected)}
+            latency, model = np.array(self.latency), np.array(self.model)
+        for name, values in (('latency', latency), ('model', model),
+                             ('overhead', latency - model)):
+            if values.size:
+                out[f'{name}_ms'] = {'median': float(np.median(values) * 1e3),
+                                     'p95': float(np.percentile(values, 95) * 1e3),
+                                     'max': float(values.max() * 1e3)}
+        return out
+
+
+@dataclass
+class _Scan:
+    header: Any
+    points: np.ndarray
+    received: float  # time.perf_counter() when the message arrived
+
+
+def _warmup_scan(seed: int = 0, n: int = 4000) -> np.ndarray:
+    """A plausible street-like scan (ground ring, two walls) to warm the model up."""
+    rng = np.random.default_rng(seed)
+    radius = rng.uniform(4.0, 25.0, n)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    ground = np.stack([radius * np.cos(angle), radius * np.sin(angle),
+                       np.full(n, -1.73) + rng.normal(0, 0.02, n)], axis=1)
+    wall_x = rng.uniform(-25, 25, n // 4)
+    wall_z = rng.uniform(-1.7, 2.0, n // 4)
+    walls = np.concatenate([np.stack([wall_x, np.full_like(wall_x, side), wall_z], axis=1)
+                            for side in (-8.0, 8.0)])
+    return np.concatenate([ground, walls]).astype(np.float32)
+
+
+class CompletionNode(Node):
+    """The completion node. Pass `completer` to use a ready model (tests, the replay tool)."""
+
+    def __init__(self, completer: CompleterLike | None = None, *,
+                 parameter_overrides: Sequence[Parameter] | None = None,
+                 node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
+        super().__init__(node_name, parameter_overrides=list(parameter_overrides or []),
+                         **node_kwargs)
+        for name, spec in PARAMETERS.items():
+            self.declare_parameter(name, spec.default, _descriptor(name, spec))
+        self._settings = {name: self.get_parameter(name).value for name in PARAMETERS}
+        self._check_static_settings()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self.stats = Stats()
+        self.ready = threading.Event()  # set once the warm-up is over
+        self._slot = LatestSlot()
+        self._warnings = RateLimitedWarnings(self.get_logger().warning,
+                                             self._settings['warn_period'])
+        self._completer = completer if completer is not None else self._load_completer()
+
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=self._settings['depth'],
+            durability=DurabilityPolicy.VOLATILE,
+            reliability=(ReliabilityPolicy.RELIABLE if self._settings['reliability'] == 'reliable'
+                         else ReliabilityPolicy.BEST_EFFORT))
+        self._publisher = self.create_publisher(PointCloud2, OUTPUT_TOPIC, 2)
+        self._subscription = self.create_subscription(PointCloud2, INPUT_TOPIC, self._on_cloud,
+                                                      qos)
+        self._diagnostics = (self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+                             if DiagnosticArray is not None else None)
+        self._last_status: tuple[int, str] = (0, 'warming up')
+        self._previous = self.stats.summary()
+        self.create_timer(self._settings['diagnostics_period'], self._publish_diagnostics)
+        if self._settings['log_period'] > 0:
+            self.create_timer(self._settings['log_period'], self._log_statistics)
+        self._worker = threading.Thread(target=self._work, name='distdpo-completion',
+                                        daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'{self.get_fully_qualified_name()}: {self.resolve_topic_name(INPUT_TOPIC)} '
+            f'({self._settings["reliability"]}, depth {self._settings["depth"]}) -> '
+            f'{self.resolve_topic_name(OUTPUT_TOPIC)}, steps {self._settings["steps"]}, '
+            f'guidance {self._settings["guidance"]}')
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _check_static_settings(self) -> None:
+        s = self._settings
+        if s['reliability'] not in ('best_effort', 'reliable'):
+            raise UserError(f'parameter "reliability" must be best_effort or reliable, got '
+                            f'{s["reliability"]!r}')
+        device = str(s['device'])
+        if not (device in ('auto', 'cpu', 'cuda') or device.startswith('cuda:')):
+            raise UserError(f'parameter "device" must be auto, cpu or cuda[:N], got {device!r}')
+        problem = self._check_dynamic(s)
+        if problem:
+            raise UserError(problem)
+
+    @staticmethod
+    def _check_dynamic(s: dict[str, Any]) -> str | None:
+        if not math.isfinite(float(s['guidance'])):
+            return 'parameter "guidance" must be finite'
+        if s['max_range'] and s['min_range'] >= s['max_range']:
+            return (f'parameter "min_range" ({s["min_range"]}) must be smaller than "max_range" '
+                    f'({s["max_range"]})')
+        return None
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Validate run-time changes as a whole; read-only and range checks are rclpy's."""
+        proposed = dict(self._settings)
+        for p in params:
+            if p.name in PARAMETERS:
+                proposed[p.name] = p.value
+        problem = self._check_dynamic(proposed)
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+        changed = {k: v for k, v in proposed.items() if self._settings.get(k) != v}
+        self._settings = proposed  # one assignment: the worker sees old or new, never half
+        if changed:
+            self.get_logger().info(f'parameters changed: {changed}')
+        return SetParametersResult(successful=True)
+
+    def _load_completer(self) -> CompleterLike:
+        from distdpo_ros.completion import Completer
+
+        started = time.perf_counter()
+        completer = Completer.from_pretrained(self._settings['model'],
+                                              device=self._settings['device'])
+        self.get_logger().info(f'loaded model {self._settings["model"]!r} in '
+                               f'{time.perf_counter() - started:.1f} s')
+        return completer
+
+    # ---- receiving ----------------------------------------------------------------------------
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        received = time.perf_counter()
+        with self.stats.lock:
+            self.stats.received += 1
+        try:
+            points = pointcloud.cloud_to_xyz(msg, max_points=self._settings['max_points'])
+        except pointcloud.CloudError as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a message must never take the node down
+            self._reject('bad_message', f'{type(exc).__name__}: {exc}')
+            return
+        points = self._crop(points)
+        if points.shape[0] == 0:
+            self._reject('no_points_in_range', 'no finite point between min_range '
+                         f'{self._settings["min_range"]} and max_range '
+                         f'{self._settings["max_range"]} m')
+            return
+        if self._slot.put(_Scan(msg.header, points, received)):
+            with self.stats.lock:
+                self.stats.dropped += 1
+
+    def _crop(self, points: np.ndarray) -> np.ndarray:
+        """Apply the min_range / max_range parameters (distance on x, y, z)."""
+        low, high = self._settings['min_range'], self._settings['max_range']
+        if low <= 0 and high <= 0:
+            return points
+        dist = np.linalg.norm(points, axis=1)
+        keep = dist >= low
+        if high > 0:
+            keep &= dist <= high
+        return points[keep]
+
+    def _reject(self, reason: str, detail: str) -> None:
+        with self.stats.lock:
+            self.stats.rejected[reason] += 1
+            count = self.stats.rejected[reason]
+        self._warnings.warn(reason, f'rejected a scan on {self._subscription.topic_name}: '
+                                    f'{reason}: {detail} ({count} so far)')
+
+    # ---- completing ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        if self._settings['warmup']:
+            self._warm_up()
+        self.ready.set()
+        self._last_status = (0, 'ok')
+        while True:
+            scan = self._slot.take()
+            if scan is None:
+                return
+            self._complete(scan)
+
+    def _warm_up(self) -> None:
+        s = self._settings
+        started = time.perf_counter()
+        try:
+            self._completer.complete(_warmup_scan(), steps=s['steps'], guidance=s['guidance'],
+                                     refine=s['refine'], seed=0)
+        except Exception as exc:  # noqa: BLE001 - report it; real scans will try again
+            self.get_logger().error(f'warm-up failed: {type(exc).__name__}: {exc}')
+            return
+        self.get_logger().info(f'warm-up done in {time.perf_counter() - started:.2f} s')
+
+    def _complete(self, scan: _Scan) -> None:
+        s = self._settings
+        seed = None if s['seed'] < 0 else s['seed']
+        started = time.perf_counter()
+        try:
+            completed = self._completer.complete(scan.points, steps=s['steps'],
+                                                 guidance=s['guidance'], refine=s['refine'],
+                                                 seed=seed)
+            model_time = time.perf_counter() - started
+            completed = self._limit_points(np.asarray(completed, dtype=np.float32), seed)
+            self._publisher.publish(pointcloud.make_cloud(completed, scan.header))
+        except Exception as exc:  # noqa: BLE001 - one failed scan must not stop the next
+            with self.stats.lock:
+                self.stats.failed += 1
+            self._last_status = (2, f'completion failed: {type(exc).__name__}: {exc}')
+            self._warnings.warn('failed', f'completion failed: {type(exc).__name__}: {exc}')
+            return
+        self._last_status = (0, 'ok')
+        self.stats.add_timing(time.perf_counter() - scan.received, model_time)
+
+    def _limit_points(self, points: np.ndarray, seed: int | None) -> np.ndarray:
+        limit = self._settings['points']
+        if limit <= 0 or points.shape[0] <= limit:
+            return points
+        keep = np.random.default_rng(seed).choice(points.shape[0], limit, replace=False)
+        return points[np.sort(keep)]
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        summary = self.stats.summary()
+        previous, self._previous = self._previous, summary
+        level, message = self._last_status
+        if level == 0 and not self.ready.is_set():
+            level, message = 1, 'warming up'
+        elif level == 0 and summary['dropped'] + summary['rejected'] > (
+                previous['dropped'] + previous['rejected']):
+            level, message = 1, 'dropping or rejecting scans'
+        if self._diagnostics is None:
+            return
+        values = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        for name in ('latency_ms', 'model_ms', 'overhead_ms'):
+            for stat, value in summary.get(name, {}).items():
+                values[f'{name[:-3]} {stat} [ms]'] = round(value, 2)
+        for reason, count in summary['rejected_by_reason'].items():
+            values[f'rejected {reason}'] = count
+        status = DiagnosticStatus(
+            level=bytes([level]), name=f'{self.get_name()}: completion', message=message,
+            hardware_id=str(self._settings['device']),
+            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    def _log_statistics(self) -> None:
+        s = self.stats.summary()
+        timing = ''
+        if 'latency_ms' in s:
+            timing = (f', latency median {s["latency_ms"]["median"]:.0f} ms '
+                      f'(p95 {s["latency_ms"]["p95"]:.0f}), model {s["model_ms"]["median"]:.0f} '
+                      f'ms, overhead {s["overhead_ms"]["median"]:.1f} ms')
+        self.get_logger().info(
+            f'{s["completed"]} completed, {s["dropped"]} dropped, {s["rejected"]} rejected, '
+            f'{s["failed"]} failed of {s["received"]} received{timing}')
+
+    def destroy_node(self) -> None:
+        """Stop the worker (waiting briefly for a scan in progress), then the node."""
+        self._slot.close()
+        self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console script `completion_node`: spin the node until Ctrl-C or shutdown."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = CompletionNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except UserError as exc:
+        print(f'completion_node: error: {exc}', file=sys.stderr)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
