@@ -19,17 +19,16 @@ objects; every writer consumes them (:func:`write_sequence`, :func:`bags.write_s
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from distdpo_ros.errors import UserError
+from distdpo_ros.pointio import atomic_writer
 
 SEMANTIC_MASK = 0xFFFF
 FIRST_MOVING_CLASS = 252  # SemanticKITTI ids 252..259 are the moving classes
@@ -181,23 +180,6 @@ def read_times(path: str | os.PathLike) -> np.ndarray:
 
 def seconds_to_ns(seconds: float) -> int:
     return int(round(float(seconds) * 1e9))
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:

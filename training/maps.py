@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from distdpo_ros.errors import UserError
-from distdpo_training.kitti import MAP_FILE, KittiSequence, atomic_writer, static_mask
+from distdpo_ros.pointio import atomic_writer
+from distdpo_training.kitti import MAP_FILE, KittiSequence, static_mask
 
 MAP_INFO = 'map_clean.json'
 MAP_FORMAT = 1
