@@ -231,13 +231,15 @@ def cloud_to_arrays(msg: Any, extra_fields: Sequence[str] = (), *,
     xyz = xyz.reshape(-1, 3)
     keep = None
     if remove_nonfinite:
-        finite = np.isfinite(xyz).all(axis=1)
-        if not finite.any():
-            raise CloudError('no_finite_points', f'none of the {xyz.shape[0]} points has finite '
-                             'x, y, z')
-        if not finite.all():
-            keep = finite
-            xyz = xyz[keep]
+        finite = np.isfinite(xyz)
+        if not finite.all():  # (fast; `.all(axis=1)` on (N, 3) is ten times slower)
+            keep = finite[:, 0] & finite[:, 1] & finite[:, 2]
+            if not keep.any():
+                raise CloudError('no_finite_points', f'none of the {xyz.shape[0]} points has '
+                                 'finite x, y, z')
+            # Rows as 12-byte items: boolean indexing of (N, 3) float32 is ten times slower.
+            xyz = xyz.view(np.dtype((np.void, 12))).ravel()[keep].view(np.float32)
+            xyz = xyz.reshape(-1, 3)
     extras: dict[str, np.ndarray] = {}
     for name in extra:
         column = view[name]
@@ -330,13 +332,16 @@ def make_cloud(xyz: np.ndarray, header: Any, extra: Mapping[str, np.ndarray] | N
 
         cloud_type, field_type = cloud_type or PointCloud2, field_type or PointField
     packed = pack_points(xyz, extra)
-    if dataclasses.is_dataclass(cloud_type):  # rosbags message classes are dataclasses
-        data: Any = packed.data
-    else:
-        data = array.array('B')
-        data.frombytes(packed.data)
     fields = [field_type(name=f.name, offset=f.offset, datatype=f.datatype, count=f.count)
               for f in packed.fields]
-    return cloud_type(header=header, height=1, width=packed.width, fields=fields,
-                      is_bigendian=False, point_step=packed.point_step,
-                      row_step=packed.row_step, data=data, is_dense=packed.is_dense)
+    layout = {'header': header, 'height': 1, 'width': packed.width, 'fields': fields,
+              'is_bigendian': False, 'point_step': packed.point_step,
+              'row_step': packed.row_step, 'is_dense': packed.is_dense}
+    if dataclasses.is_dataclass(cloud_type):  # rosbags message classes are dataclasses
+        return cloud_type(**layout, data=packed.data)
+    # rclpy copies `data` twice when it is given to the constructor, once when it is assigned.
+    msg = cloud_type(**layout)
+    data = array.array('B')
+    data.frombytes(packed.data)
+    msg.data = data
+    return msg
