@@ -35,6 +35,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy
 import safetensors
 import safetensors.torch
 import torch
@@ -372,12 +373,12 @@ LIGHTNING_KINDS = (
 _LIGHTNING_PACKAGES = frozenset({'pytorch_lightning', 'lightning', 'lightning_fabric'})
 
 
-class RefusedGlobal(pickle.UnpicklingError):
-    """The pickle names a global that the restricted unpickler does not allow."""
+class UnsafePickle(pickle.UnpicklingError):
+    """The pickle asks for something the restricted unpickler does not allow (``what`` says it)."""
 
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f'{module}.{name}')
-        self.qualified_name = f'{module}.{name}'
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
 
 
 class LightningStandIn(dict):
@@ -413,8 +414,6 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     """The globals a checkpoint of tensors and plain containers needs; nothing that runs code."""
     import codecs
 
-    import numpy
-
     try:
         from numpy._core.multiarray import scalar as numpy_scalar
     except ImportError:  # numpy < 2
@@ -438,8 +437,13 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allowed globals; Lightning classes become stand-ins; anything else raises."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only allowed globals (Lightning names become stand-ins) and sets state (BUILD) only
+    on stand-ins, tensors and numpy dtypes, never on a class or function: anything else raises.
+    The pure-Python unpickler is used because its opcode table can be restricted; checkpoint
+    pickles are small (the tensor bytes are read by torch, outside the pickle)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 writes Python 2 names (`__builtin__.set`); map them as pickle itself does.
@@ -452,8 +456,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                                               torch.dtype):
             found = getattr(torch, name)
         if found is None:
-            raise RefusedGlobal(module, name)
+            raise UnsafePickle(f'{module}.{name}')
         return found
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]  # the state is on top, the object below it
+        if not isinstance(target, (LightningStandIn, torch.Tensor, numpy.dtype)):
+            kind = type(target).__name__
+            raise UnsafePickle(f'a state change of the {kind} {getattr(target, "__name__", kind)}')
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 def _restricted_load(file: Any, **kwargs: Any) -> Any:
@@ -482,8 +495,8 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location='cpu', weights_only=False,
                           pickle_module=_RESTRICTED_PICKLE)
-    except RefusedGlobal as exc:
-        raise UserError(f'{path}: refusing to unpickle {exc.qualified_name}: only tensors, plain '
+    except UnsafePickle as exc:
+        raise UserError(f'{path}: refusing to unpickle {exc.what}: only tensors, plain '
                         'containers and Lightning classes are allowed, so this file could run '
                         'code') from None
     except Exception as exc:  # corrupt input surfaces as many types (zip, pickle, EOF, value)
