@@ -74,9 +74,10 @@ class _Param:
 PARAMETERS: dict[str, _Param] = {
     'model': _Param('default', 'checkpoint directory, or a shipped model name ("default")'),
     'device': _Param('auto', 'auto (cuda when available), cpu or cuda[:N]'),
-    'steps': _Param(8, 'sampler steps per scan (changeable at run time)', False, 1, 1000),
-    'guidance': _Param(3.5, 'classifier-free guidance weight (changeable at run time)', False,
-                       0.0, 50.0),
+    'steps': _Param(0, "sampler steps per scan; 0: the model's own (changeable at run time)",
+                    False, 0, 1000),
+    'guidance': _Param(-1.0, "classifier-free guidance weight; -1: the model's own "
+                       '(changeable at run time)', False, -1.0, 50.0),
     'refine': _Param(False, 'run the x6 refinement network after sampling', False),
     'points': _Param(0, 'publish at most this many points, a seeded random subset (0: all)',
                      False, 0, 50_000_000),
@@ -222,6 +223,13 @@ def _warmup_scan(seed: int = 0, n: int = 4000) -> np.ndarray:
     return np.concatenate([ground, walls]).astype(np.float32)
 
 
+def _sampling(settings: dict[str, Any]) -> dict[str, Any]:
+    """complete() arguments from the parameters (0 steps / -1 guidance: the model's own)."""
+    return {'steps': settings['steps'] or None,
+            'guidance': settings['guidance'] if settings['guidance'] >= 0 else None,
+            'refine': settings['refine']}
+
+
 class CompletionNode(Node):
     """The completion node. Pass `completer` to use a ready model (tests, the replay tool)."""
 
@@ -264,8 +272,7 @@ class CompletionNode(Node):
         self.get_logger().info(
             f'{self.get_fully_qualified_name()}: {self.resolve_topic_name(INPUT_TOPIC)} '
             f'({self._settings["reliability"]}, depth {self._settings["depth"]}) -> '
-            f'{self.resolve_topic_name(OUTPUT_TOPIC)}, steps {self._settings["steps"]}, '
-            f'guidance {self._settings["guidance"]}')
+            f'{self.resolve_topic_name(OUTPUT_TOPIC)}, {self._describe_sampling()}')
 
     # ---- set-up -------------------------------------------------------------------------------
     def _check_static_settings(self) -> None:
@@ -282,8 +289,9 @@ class CompletionNode(Node):
 
     @staticmethod
     def _check_dynamic(s: dict[str, Any]) -> str | None:
-        if not math.isfinite(float(s['guidance'])):
-            return 'parameter "guidance" must be finite'
+        guidance = float(s['guidance'])
+        if not math.isfinite(guidance) or (guidance < 0 and guidance != -1):
+            return 'parameter "guidance" must be >= 0, or -1 for the model\'s own'
         if s['max_range'] and s['min_range'] >= s['max_range']:
             return (f'parameter "min_range" ({s["min_range"]}) must be smaller than "max_range" '
                     f'({s["max_range"]})')
@@ -303,6 +311,13 @@ class CompletionNode(Node):
         if changed:
             self.get_logger().info(f'parameters changed: {changed}')
         return SetParametersResult(successful=True)
+
+    def _describe_sampling(self) -> str:
+        s, config = self._settings, getattr(self._completer, 'config', None)
+        steps = s['steps'] or getattr(config, 'steps', "the model's")
+        guidance = s['guidance'] if s['guidance'] >= 0 else getattr(config, 'guidance',
+                                                                     "the model's")
+        return f'steps {steps}, guidance {guidance}, refine {s["refine"]}'
 
     def _load_completer(self) -> CompleterLike:
         from distdpo_ros.completion import Completer
@@ -371,8 +386,7 @@ class CompletionNode(Node):
         s = self._settings
         started = time.perf_counter()
         try:
-            self._completer.complete(_warmup_scan(), steps=s['steps'], guidance=s['guidance'],
-                                     refine=s['refine'], seed=0)
+            self._completer.complete(_warmup_scan(), seed=0, **_sampling(s))
         except Exception as exc:  # noqa: BLE001 - report it; real scans will try again
             self.get_logger().error(f'warm-up failed: {type(exc).__name__}: {exc}')
             return
@@ -383,9 +397,7 @@ class CompletionNode(Node):
         seed = None if s['seed'] < 0 else s['seed']
         started = time.perf_counter()
         try:
-            completed = self._completer.complete(scan.points, steps=s['steps'],
-                                                 guidance=s['guidance'], refine=s['refine'],
-                                                 seed=seed)
+            completed = self._completer.complete(scan.points, seed=seed, **_sampling(s))
             model_time = time.perf_counter() - started
             completed = self._limit_points(np.asarray(completed, dtype=np.float32), seed)
             self._publisher.publish(pointcloud.make_cloud(completed, scan.header))

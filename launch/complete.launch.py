@@ -45,8 +45,9 @@ def generate_launch_description() -> LaunchDescription:
                               description='checkpoint directory, or a shipped model name'),
         DeclareLaunchArgument('device', default_value='auto',
                               description='auto (cuda when available), cpu, cuda or cuda:N'),
-        DeclareLaunchArgument('steps', default_value='8',
-                              description='sampler steps per scan (also settable at run time)'),
+        DeclareLaunchArgument('steps', default_value='0',
+                              description="sampler steps per scan, 0: the model's own (also "
+                                          'settable at run time)'),
         DeclareLaunchArgument('input_topic', default_value='/velodyne_points',
                               description='PointCloud2 topic to complete'),
         DeclareLaunchArgument('use_sim_time', default_value='false', choices=['true', 'false'],

@@ -245,8 +245,9 @@ def test_steps_and_guidance_change_at_run_time_and_bad_values_are_refused(harnes
     assert h.wait(lambda: h.outputs)
     assert (completer.calls[-1]['steps'], completer.calls[-1]['guidance']) == (2, 1.5)
     refused = {
-        'steps=0': [Parameter('steps', value=0)],
+        'steps=-1': [Parameter('steps', value=-1)],
         'guidance=nan': [Parameter('guidance', value=math.nan)],
+        'guidance=-0.5': [Parameter('guidance', value=-0.5)],
         'model read-only': [Parameter('model', value='other')],
         'min >= max range': [Parameter('min_range', value=50.0),
                              Parameter('max_range', value=40.0)],
@@ -257,6 +258,11 @@ def test_steps_and_guidance_change_at_run_time_and_bad_values_are_refused(harnes
         assert result.reason, name
     assert h.node.get_parameter('steps').value == 2
     assert h.node.get_parameter('model').value == 'default'
+    assert all(r.successful for r in h.node.set_parameters(
+        [Parameter('steps', value=0), Parameter('guidance', value=-1.0)]))
+    h.pub.publish(velodyne_cloud(synthetic_scan(), 6))
+    assert h.wait(lambda: len(h.outputs) == 2)
+    assert (completer.calls[-1]['steps'], completer.calls[-1]['guidance']) == (None, None)
 
 
 def test_points_parameter_caps_the_published_cloud(harness):
