@@ -483,7 +483,8 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{path}: no such checkpoint file')
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
@@ -493,7 +494,8 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise UserError(f'{path}: a TorchScript archive, not a Lightning checkpoint; refusing '
                             'to run its code')
     try:
-        data = torch.load(path, map_location='cpu', weights_only=False,
+        # mmap (zip format only): the optimizer states, most of the file, are never read.
+        data = torch.load(path, map_location='cpu', weights_only=False, mmap=is_zip,
                           pickle_module=_RESTRICTED_PICKLE)
     except UnsafePickle as exc:
         raise UserError(f'{path}: refusing to unpickle {exc.what}: only tensors, plain '
