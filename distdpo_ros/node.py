@@ -372,10 +372,10 @@ class CompletionNode(Node):
 
     # ---- completing ---------------------------------------------------------------------------
     def _work(self) -> None:
+        self._last_status = (0, 'ok')
         if self._settings['warmup']:
             self._warm_up()
         self.ready.set()
-        self._last_status = (0, 'ok')
         while True:
             scan = self._slot.take()
             if scan is None:
@@ -388,7 +388,8 @@ class CompletionNode(Node):
         try:
             self._completer.complete(_warmup_scan(), seed=0, **_sampling(s))
         except Exception as exc:  # noqa: BLE001 - report it; real scans will try again
-            self.get_logger().error(f'warm-up failed: {type(exc).__name__}: {exc}')
+            self._last_status = (2, f'warm-up failed: {type(exc).__name__}: {exc}')
+            self.get_logger().error(self._last_status[1])
             return
         self.get_logger().info(f'warm-up done in {time.perf_counter() - started:.2f} s')
 
@@ -456,8 +457,11 @@ class CompletionNode(Node):
 
     def destroy_node(self) -> None:
         """Stop the worker (waiting briefly for a scan in progress), then the node."""
-        self._slot.close()
-        self._worker.join(timeout=5.0)
+        # Also called by rclpy's context clean-up on a node whose __init__ failed half-way.
+        if hasattr(self, '_slot'):
+            self._slot.close()
+        if hasattr(self, '_worker'):
+            self._worker.join(timeout=5.0)
         super().destroy_node()
 
 
