@@ -28,3 +28,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f'real data not available: {SHARED_DATA} is missing')
     return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A checkpoint directory of the tiny student (preset('tiny', 'student')), random weights
+    (seed 0), saved with distdpo_ros.checkpoint.save_model."""
+    torch = pytest.importorskip('torch')
+    from distdpo_ros.checkpoint import ModelBundle, save_model
+    from distdpo_ros.config import preset
+    from distdpo_ros.models import DiffusionNet
+
+    config = preset('tiny', 'student')
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp('models') / 'tiny-student',
+                      ModelBundle(config=config, diffusion=DiffusionNet(config)))
