@@ -14,8 +14,10 @@ from distdpo_training.kitti import Frame, KittiSequence, semantic, write_sequenc
 from distdpo_training.maps import (
     build_map,
     build_map_reference_loop,
+    first_per_voxel,
     load_map,
     map_is_current,
+    pack_index,
     voxel_keys,
 )
 
@@ -120,3 +122,15 @@ def test_missing_map_says_what_to_run(tmp_path):
     with pytest.raises(UserError, match='map_clean.npy: ground-truth map is missing; run '
                                         '`distdpo build-maps'):
         load_map(seq_dir)
+
+
+@pytest.mark.parametrize('spread', [50, 1 << 20])  # the packed sort, and the argsort fallback
+def test_first_per_voxel_takes_the_first_point_of_each_voxel(spread):
+    rng = np.random.default_rng(2)
+    index = rng.integers(-spread, spread, size=(200, 3))
+    index = index[rng.integers(0, 200, 5000)]  # many repeats, in random order
+    keys = pack_index(index)
+    unique, first = np.unique(keys, return_index=True)  # numpy returns first occurrences
+    got = first_per_voxel(index)
+    np.testing.assert_array_equal(got, first)
+    np.testing.assert_array_equal(keys[got], unique)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='only these sequences, e.g. 00 08 (default: all found)')
     parser.add_argument('--force', action='store_true',
                         help='rebuild maps even when they are up to date')
-    parser.add_argument('--chunk-points', type=int, default=4_000_000,
+    parser.add_argument('--chunk-points', type=int, default=2_000_000,
                         help='points de-duplicated per sort; larger is faster and uses more '
                         'memory (default: %(default)s)')
 
