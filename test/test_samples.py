@@ -33,6 +33,12 @@ def test_viewpoint_mask_matches_open3d_voxel_grid():
     expected = np.array(grid.check_if_included(o3d.utility.Vector3dVector(queries)))
     assert 50 < expected.sum() < 3000
     np.testing.assert_array_equal(viewpoint_mask(queries, view), expected)
+    # a view too wide for a lookup table takes the sorted-key path, with the same answer
+    far = np.vstack([view, [[5e4, 5e4, 100.0]]])
+    grid = o3d.geometry.VoxelGrid.create_from_point_cloud(
+        o3d.geometry.PointCloud(o3d.utility.Vector3dVector(far)), 10.0)
+    expected = np.array(grid.check_if_included(o3d.utility.Vector3dVector(queries)))
+    np.testing.assert_array_equal(viewpoint_mask(queries, far), expected)
 
 
 def test_map_index_crop_equals_brute_force():

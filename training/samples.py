@@ -53,12 +53,16 @@ def viewpoint_mask(points: np.ndarray, view: np.ndarray,
     dims = occupied.max(axis=0) + 1
     cells = np.floor((points - origin) / voxel).astype(np.int64)
     inside = ((cells >= 0) & (cells < dims)).all(axis=1)
-
-    def key(c: np.ndarray) -> np.ndarray:
-        return (c[:, 0] * dims[1] + c[:, 1]) * dims[2] + c[:, 2]
-
     mask = np.zeros(len(points), dtype=bool)
-    mask[inside] = np.isin(key(cells[inside]), np.unique(key(occupied)))
+    if int(np.prod(dims)) <= 1 << 24:  # a scan within range spans a few hundred cells: a table
+        table = np.zeros(tuple(dims), dtype=bool)
+        table[tuple(occupied.T)] = True
+        mask[inside] = table[tuple(cells[inside].T)]
+    else:
+        def key(c: np.ndarray) -> np.ndarray:
+            return (c[:, 0] * dims[1] + c[:, 1]) * dims[2] + c[:, 2]
+
+        mask[inside] = np.isin(key(cells[inside]), np.unique(key(occupied)))
     return mask
 
 
