@@ -176,29 +176,31 @@ def test_tf_chain_interpolation_and_frames_without_pose(tmp_path, capsys):
     bag.tf(0, 'base_link', 'lidar_top', (1.0, 0.0, 1.8), 0.0, static=True)
     for k in range(3):  # odom -> base_link at 1 Hz from t = 10 s to 12 s, driving along x
         bag.tf(10 * s + k * s, 'odom', 'base_link', (2.0 * k, 0.0, 0.0), 0.1 * k)
+    bag.tf(11 * s + s // 2, 'odom', 'base_link', (np.nan, 0.0, 0.0), 0.0)  # ignored
     xyz = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
     ouster = {'intensity': np.arange(50, dtype=np.uint16), 'ring': np.zeros(50, np.uint8)}
-    for ns in (9 * s, 10 * s, 10 * s + s // 2, 12 * s, 13 * s):
+    for ns in (9 * s, 10 * s, 10 * s + s // 2, 11 * s + s // 2, 12 * s, 13 * s):
         bag.cloud(ns, xyz, ouster)
     bag.close()
 
     frames = BagFrames(tmp_path / 'bag', '/points', origin='world')
     read = list(frames)
-    assert [f.stamp_ns for f in read] == [10 * s, 10 * s + s // 2, 12 * s]
-    assert [(k.index, k.stamp_ns) for k in frames.skipped] == [(0, 9 * s), (4, 13 * s)]
+    assert [f.stamp_ns for f in read] == [10 * s, 10 * s + s // 2, 11 * s + s // 2, 12 * s]
+    assert [(k.index, k.stamp_ns) for k in frames.skipped] == [(0, 9 * s), (5, 13 * s)]
     assert 'odom -> base_link is known from 10.000 s to 12.000 s only' in frames.skipped[0].reason
     mount = pose_of(1.0, 0.0, 1.8)
     np.testing.assert_allclose(read[0].pose, mount, atol=1e-12)
     np.testing.assert_allclose(read[1].pose, pose_of(1.0, 0.05) @ mount, atol=1e-12)  # halfway
-    np.testing.assert_allclose(read[2].pose, pose_of(4.0, 0.2) @ mount, atol=1e-12)
+    np.testing.assert_allclose(read[2].pose, pose_of(3.0, 0.15) @ mount, atol=1e-12)
+    np.testing.assert_allclose(read[3].pose, pose_of(4.0, 0.2) @ mount, atol=1e-12)
     np.testing.assert_array_equal(read[0].points[:, 3], np.arange(50))  # uint16 intensity
 
     # the command reports the skipped clouds and writes the rest
     assert cli_main(['bag2kitti', str(tmp_path / 'bag'), str(tmp_path / 'out'),
                      '--topic', '/points']) == 0
     err = capsys.readouterr().err
-    assert 'skipped 2 of 5 clouds' in err and 'cloud 0 at 9.000 s' in err
-    assert len(KittiSequence(tmp_path / 'out')) == 3
+    assert 'skipped 2 of 6 clouds' in err and 'cloud 0 at 9.000 s' in err
+    assert len(KittiSequence(tmp_path / 'out')) == 4
 
 
 def test_odometry_topic_gives_poses(tmp_path):

@@ -182,6 +182,9 @@ class TfBuffer:
     def add(self, parent: str, child: str, stamp_ns: int, translation: np.ndarray,
             quaternion: np.ndarray, static: bool = False) -> None:
         parent, child = parent.lstrip('/'), child.lstrip('/')
+        values = np.concatenate((np.asarray(translation, float), np.asarray(quaternion, float)))
+        if not np.isfinite(values).all() or np.linalg.norm(values[3:]) < 1e-9:
+            return  # a broken sample (NaN, zero quaternion) is no transform at all
         edge = self._edges.get(child)
         if edge is None or edge.parent != parent or edge.static != static:
             edge = self._edges[child] = _Edge(parent, static)  # the latest definition wins
