@@ -35,9 +35,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A checkpoint directory of the tiny student (preset('tiny', 'student')), random weights
     (seed 0), saved with distdpo_ros.checkpoint.save_model."""
     torch = pytest.importorskip('torch')
+    DiffusionNet = pytest.importorskip('distdpo_ros.models').DiffusionNet  # noqa: N806
     from distdpo_ros.checkpoint import ModelBundle, save_model
     from distdpo_ros.config import preset
-    from distdpo_ros.models import DiffusionNet
 
     config = preset('tiny', 'student')
     torch.manual_seed(0)
