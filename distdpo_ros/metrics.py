@@ -129,6 +129,11 @@ def _nn_distances_torch(query: Any, ref: Any, chunk_bytes: int = 1 << 30) -> np.
     return out.cpu().numpy()
 
 
+def _kdtree(points: np.ndarray) -> cKDTree:
+    """A KD-tree built for one batch of queries (sliding midpoint: ~4x faster to build)."""
+    return cKDTree(points, balanced_tree=False, compact_nodes=False)
+
+
 def _on_gpu(*clouds: Any) -> bool:
     return any(_is_cuda_tensor(c) for c in clouds)
 
@@ -147,7 +152,7 @@ def nearest_distances(query: Any, ref: Any) -> np.ndarray:
         raise ValueError('nearest_distances: both clouds need points')
     if _on_gpu(q, r):
         return _nn_distances_torch(q, r)
-    return cKDTree(r).query(q, k=1, workers=-1)[0]
+    return _kdtree(r).query(q, k=1, workers=-1)[0]
 
 
 def _both_directions(pred: Any, gt: Any, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +163,7 @@ def _both_directions(pred: Any, gt: Any, metric: str) -> tuple[np.ndarray, np.nd
     if _on_gpu(pred, gt):
         return nearest_distances(pred, gt), nearest_distances(gt, pred)
     p, g = as_xyz(pred, 'pred'), as_xyz(gt, 'gt')
-    return cKDTree(g).query(p, k=1, workers=-1)[0], cKDTree(p).query(g, k=1, workers=-1)[0]
+    return _kdtree(g).query(p, k=1, workers=-1)[0], _kdtree(p).query(g, k=1, workers=-1)[0]
 
 
 # ---------------------------------------------------------------------------------------------
