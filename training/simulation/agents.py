@@ -42,8 +42,9 @@ def _box(center_bottom: tuple[float, float, float], size: tuple[float, float, fl
     return mesh.vertices.astype(np.float64), mesh.faces, label, material, rho
 
 
-def vehicle_parts(rng: np.random.Generator, trucks: bool = True) -> tuple[list[Part], float]:
-    """A random car, SUV, van or (if `trucks`) truck; returns its parts and its length."""
+def vehicle_parts(rng: np.random.Generator, trucks: bool = True
+                  ) -> tuple[list[Part], float, float]:
+    """A random car, SUV, van or (if `trucks`) truck: its parts, length and width."""
     names = [k for k in CAR_KINDS if trucks or k != 'truck']
     share = np.array([CAR_KINDS[k][3] for k in names])
     kind = names[rng.choice(len(names), p=share / share.sum())]
@@ -62,7 +63,7 @@ def vehicle_parts(rng: np.random.Generator, trucks: bool = True) -> tuple[list[P
                           M.PAINT, paint))
         parts.append(_box((-cab / 2, 0, 0.9), (length - cab - 0.2, width, height - 0.7), label,
                           M.WALL, rng.uniform(0.3, 0.6)))
-        return parts, length
+        return parts, length, width
     belt = 0.25 + 0.5 * (height - 0.25) if kind != 'van' else 0.25 + 0.45 * (height - 0.25)
     parts.append(_box((0, 0, 0.25), (length, width, belt - 0.25), label, M.PAINT, paint))
     cabin = length * (0.5 if kind in ('compact', 'sedan') else 0.72)
@@ -71,7 +72,7 @@ def vehicle_parts(rng: np.random.Generator, trucks: bool = True) -> tuple[list[P
                       M.GLASS, 0.05))
     parts.append(_box((offset, 0, height - 0.06), (cabin * 0.92, width * 0.86, 0.06), label,
                       M.PAINT, paint))
-    return parts, length
+    return parts, length, width
 
 
 def person_parts(rng: np.random.Generator, label: int = M.PERSON) -> list[Part]:
@@ -169,19 +170,19 @@ def build_agents(rng: np.random.Generator, street: Street, ego_track: np.ndarray
     for lane in range(left.lanes):
         d = (lane + 0.5) * left.lane_width
         for s0 in _spread(rng, length + 200, rng.uniform(35, 90)):
-            parts, _ = vehicle_parts(rng)
+            parts, _, _ = vehicle_parts(rng)
             add(parts, s0 - rng.uniform(7, 14) * t, d, True)
     # Same-direction cars in the other lanes on the right (they overtake or fall behind).
     for lane in range(right.lanes - 1):
         d = -(lane + 0.5) * right.lane_width
         for s0 in _spread(rng, length + 200, rng.uniform(40, 90)):
-            parts, _ = vehicle_parts(rng)
+            parts, _, _ = vehicle_parts(rng)
             add(parts, s0 - 100 + rng.uniform(6, 14) * t, d, False)
     # A lead car in the ego lane keeps a time gap (it stops when the ego vehicle stops).
     if rng.random() < 0.6:
         gap = rng.uniform(8, 14) + rng.uniform(1.0, 2.0) * ego_speed
         track = np.maximum.accumulate(ego_track + gap)
-        parts, _ = vehicle_parts(rng, trucks=False)
+        parts, _, _ = vehicle_parts(rng, trucks=False)
         add(parts, track, ego_lane, False)
     # Cyclists at the edge of the oncoming lanes, pedestrians on both sidewalks.
     edge = left.lanes * left.lane_width - 0.7

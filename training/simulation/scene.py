@@ -530,13 +530,13 @@ def _add_parked(lay: _Layout) -> None:
         sec = street.section(side)
         if sec.parking <= 0:
             continue
-        d = sec.lanes * sec.lane_width + sec.parking / 2
         s = rng.uniform(0, 10)
         while s < street.line.length:
-            parts, length = vehicle_parts(rng)
+            parts, length, width = vehicle_parts(rng, trucks=False)   # trucks do not fit
             mid = s + length / 2
             if rng.random() < 0.8 and _off_junctions(street, mid, side, 4 + length / 2):
-                xy, heading = street.line.place(mid, side * (d + rng.uniform(-0.15, 0.15)))
+                d = sec.road_edge - width / 2 - rng.uniform(0.1, 0.35)      # against the curb
+                xy, heading = street.line.place(mid, side * d)
                 _place_parts(lay, parts, xy[0], float(heading[0]) + np.pi * (rng.random() < 0.5))
             s += length + rng.uniform(0.6, 6.0)
     for _ in range(int(street.line.length / 60)):

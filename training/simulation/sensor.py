@@ -3,7 +3,7 @@
 Beam pattern: the 64 ring elevations measured on a real KITTI scan (sequence 00, frame 0; +2.5 deg
 down to -23.5 deg, 1/3 deg apart in the upper block and 1/2 deg in the lower), 2,048 azimuth
 steps per revolution (10 Hz), each ring with its own small azimuth offset like the real lasers.
-The sensor sits 1.73 m above the road. Returns: 80 m range cut, 1.5 m minimum range, rays blocked
+The sensor sits 1.73 m above the road. Returns: 80 m range cut, 1.3 m minimum range, rays blocked
 by the car's own roof removed, Gaussian range noise of 2 cm (plus material noise, foliage
 penetration and window panes that let the beam into the room or lose it), random dropout, and a
 remission that depends on the surface reflectivity, the incidence angle and the range.
@@ -36,7 +36,7 @@ N_AZIMUTH = 2048
 SCAN_PERIOD = 0.1           # s per revolution (10 Hz)
 SENSOR_HEIGHT = 1.73        # m above the road
 MAX_RANGE = 80.0
-MIN_RANGE = 1.5
+MIN_RANGE = 1.3
 RANGE_NOISE = 0.02
 DROPOUT = 0.004             # chance that any return is lost
 # The ego car's roof below the sensor: a flat footprint EGO_DEPTH below it, a half ellipse ahead
