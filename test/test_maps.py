@@ -134,3 +134,30 @@ def test_first_per_voxel_takes_the_first_point_of_each_voxel(spread):
     got = first_per_voxel(index)
     np.testing.assert_array_equal(got, first)
     np.testing.assert_array_equal(keys[got], unique)
+
+
+def test_map_of_a_simulated_drive(tmp_path):
+    pytest.importorskip('open3d')
+    from distdpo_training.simulation.drive import simulate_dataset
+
+    (folder,) = simulate_dataset(tmp_path, sequences=1, frames=6, seed=3, progress=False)
+    seq = KittiSequence(folder)
+    points = build_map(seq, 0.1)
+    tree = cKDTree(points)
+    map_rows = np.ascontiguousarray(points).view(np.dtype((np.void, 12))).ravel()
+    moving_seen = 0
+    for i in range(len(seq)):
+        frame = seq[i]
+        cls = semantic(frame.labels)
+        far = np.linalg.norm(frame.xyz, axis=1) > 3.5
+        world = (np.einsum('ij,kj->ik', frame.xyz.astype(np.float64), frame.pose[:3, :3])
+                 + frame.pose[:3, 3]).astype(np.float32)  # as the map builder computes it
+        static = far & (cls > 1) & (cls < 252)
+        assert tree.query(world[static])[0].max() <= 0.1 * np.sqrt(3) + 1e-5
+        moving = np.ascontiguousarray(world[cls >= 252])
+        moving_seen += len(moving)
+        rows = moving.view(np.dtype((np.void, 12))).ravel()
+        assert not np.isin(rows, map_rows).any()  # no moving point is a map point
+        if len(moving):  # and most of a moving object is off every static surface
+            assert np.median(tree.query(moving)[0]) > 0.3
+    assert moving_seen > 100  # the drive has traffic, so the check above means something
