@@ -17,8 +17,8 @@ temporary folder, LARGE_DATA transport) unless the user has set those variables.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -177,13 +177,13 @@ def _stamp_ns(header: Any) -> int:
 
 
 class BagRecorder:
-    """Writes the completed clouds (raw CDR) and copied TF into a new bag, atomically."""
+    """Writes the completed clouds (raw CDR) and the copied TF into a new bag, atomically.
+
+    One thread owns the bag writer (sqlite3 connections are bound to their thread); the DDS
+    callbacks and the player only queue messages, so recording never blocks them.
+    """
 
     def __init__(self, out: Path, storage: str, tf_connections: list[Any]) -> None:
-        from rosbags.rosbag2 import StoragePlugin, Writer
-
-        from distdpo_ros.node import OUTPUT_TOPIC
-
         if storage not in ('mcap', 'sqlite3'):
             raise UserError(f'unknown bag storage {storage!r}; choose mcap or sqlite3')
         self.out = Path(out)
@@ -191,39 +191,58 @@ class BagRecorder:
             raise UserError(f'{self.out}: already exists; choose a new bag path')
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix=f'.{self.out.name}.', dir=self.out.parent))
-        self.store = _typestore()
+        self._queue: queue.SimpleQueue[tuple[Any, int, bytes] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_all, args=(storage, tf_connections),
+                                        name='distdpo-replay-recorder', daemon=True)
+        self._thread.start()
+
+    def _write_all(self, storage: str, tf_connections: list[Any]) -> None:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        from distdpo_ros.node import OUTPUT_TOPIC
+
+        store = _typestore()
         plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
-        self._writer = Writer(self._staging / self.out.name, version=9, storage_plugin=plugin)
-        self._writer.open()
-        self._lock = threading.Lock()
-        self.cloud = self._writer.add_connection(OUTPUT_TOPIC, CLOUD_TYPE, typestore=self.store)
-        self.tf: dict[int, Any] = {}
-        for conn in tf_connections:  # keep the offered QoS: /tf_static is transient local
-            qos = getattr(conn.ext, 'offered_qos_profiles', ()) or ()
-            self.tf[conn.id] = self._writer.add_connection(
-                conn.topic, conn.msgtype, typestore=self.store,
-                offered_qos_profiles=qos if not isinstance(qos, str) else ())
-        self.count = 0
+        try:
+            with Writer(self._staging / self.out.name, version=9, storage_plugin=plugin) as bag:
+                targets = {CLOUD_TYPE: bag.add_connection(OUTPUT_TOPIC, CLOUD_TYPE,
+                                                          typestore=store)}
+                for conn in tf_connections:  # keep the offered QoS: /tf_static is transient local
+                    qos = getattr(conn.ext, 'offered_qos_profiles', ()) or ()
+                    targets[conn.id] = bag.add_connection(
+                        conn.topic, conn.msgtype, typestore=store,
+                        offered_qos_profiles=() if isinstance(qos, str) else qos)
+                while (item := self._queue.get()) is not None:
+                    key, stamp_ns, raw = item
+                    bag.write(targets[key], stamp_ns, raw)
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+            while self._queue.get() is not None:  # keep draining so producers never block
+                pass
 
     def write_cloud(self, stamp_ns: int, raw: bytes) -> None:
-        with self._lock:
-            self._writer.write(self.cloud, stamp_ns, raw)
-            self.count += 1
+        self._queue.put((CLOUD_TYPE, stamp_ns, raw))
 
     def write_tf(self, conn: Any, bag_ns: int, raw: bytes) -> None:
-        with self._lock:
-            self._writer.write(self.tf[conn.id], bag_ns, raw)
+        self._queue.put((conn.id, bag_ns, raw))
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
     def finish(self) -> Path:
-        with self._lock:
-            self._writer.close()
+        """Close the bag and move it into place; raise what went wrong while writing."""
+        self._stop()
+        if self._error is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            raise UserError(f'{self.out}: recording failed: {self._error}') from self._error
         os.replace(self._staging / self.out.name, self.out)
         shutil.rmtree(self._staging, ignore_errors=True)
         return self.out
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        self._stop()
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
