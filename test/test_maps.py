@@ -161,3 +161,16 @@ def test_map_of_a_simulated_drive(tmp_path):
         if len(moving):  # and most of a moving object is off every static surface
             assert np.median(tree.query(moving)[0]) > 0.3
     assert moving_seen > 100  # the drive has traffic, so the check above means something
+
+
+def test_bench_data_measures_both_loops_on_the_same_scans(tmp_path, capsys):
+    import json
+
+    seq_dir = made_up_drive(tmp_path / '00', scans=4)
+    assert cli_main(['bench', 'data', '--json', '--sections', 'build_maps',
+                     '--dataset', str(seq_dir), '--scans', '3']) == 0
+    result = json.loads(capsys.readouterr().out)['build_maps']
+    assert result['scans'] == 3 and result['identical_maps'] is True
+    assert result['build_maps_s'] > 0 and result['reference_loop_s'] > 0
+    assert result['speedup'] == pytest.approx(result['reference_loop_s'] / result['build_maps_s'],
+                                              rel=0.01)
