@@ -250,6 +250,9 @@ class CompletionNode(Node):
         self._warnings = RateLimitedWarnings(self.get_logger().warning,
                                              self._settings['warn_period'])
         self._completer = completer if completer is not None else self._load_completer()
+        problem = self._check_refine(self._settings)
+        if problem:
+            raise UserError(problem)
 
         qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=self._settings['depth'],
@@ -297,13 +300,19 @@ class CompletionNode(Node):
                     f'({s["max_range"]})')
         return None
 
+    def _check_refine(self, s: dict[str, Any]) -> str | None:
+        if s['refine'] and not getattr(self._completer, 'has_refine', True):
+            return ('parameter "refine" is true but the model has no refinement weights '
+                    f'({s["model"]})')
+        return None
+
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Validate run-time changes as a whole; read-only and range checks are rclpy's."""
         proposed = dict(self._settings)
         for p in params:
             if p.name in PARAMETERS:
                 proposed[p.name] = p.value
-        problem = self._check_dynamic(proposed)
+        problem = self._check_dynamic(proposed) or self._check_refine(proposed)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
         changed = {k: v for k, v in proposed.items() if self._settings.get(k) != v}

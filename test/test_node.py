@@ -296,6 +296,21 @@ def test_invalid_static_parameters_fail_at_start_with_a_clear_message(ros):
                                 parameter_overrides=[Parameter('device', value='tpu')])
 
 
+def test_refine_needs_a_model_with_refinement_weights(ros):
+    class NoRefine(EchoCompleter):
+        has_refine = False
+
+    with pytest.raises(pc.UserError, match='"refine" is true but the model has no refinement'):
+        node_mod.CompletionNode(NoRefine(), parameter_overrides=[Parameter('refine', value=True)])
+    node = node_mod.CompletionNode(NoRefine(), parameter_overrides=[
+        Parameter('warmup', value=False)])
+    try:
+        result = node.set_parameters_atomically([Parameter('refine', value=True)])
+        assert not result.successful and 'refinement' in result.reason
+    finally:
+        node.destroy_node()
+
+
 def test_rate_limited_warnings_report_what_they_suppressed():
     logged, now = [], [0.0]
     warnings = node_mod.RateLimitedWarnings(logged.append, period=5.0, clock=lambda: now[0])
