@@ -99,21 +99,19 @@ def _layout(msg: Any, max_points: int) -> tuple[int, int, int, int, bool]:
     return height, width, point_step, row_step, big
 
 
-def _field_map(msg: Any) -> dict[str, Field]:
-    """Fields by name; a name declared twice is a layout error only when it is read."""
+def _field_map(msg: Any) -> tuple[dict[str, Field], set[str]]:
+    """Fields by name, and the names declared more than once (an error only when read)."""
     fields: dict[str, Field] = {}
-    duplicated: set[str] = set()
+    repeated: set[str] = set()
     try:
         for f in msg.fields:
             field = Field(str(f.name), int(f.offset), int(f.datatype), int(f.count))
             if field.name in fields:
-                duplicated.add(field.name)
+                repeated.add(field.name)
             fields[field.name] = field
     except (AttributeError, TypeError, ValueError) as exc:
         raise CloudError('bad_message', f'unreadable PointCloud2 fields: {exc}') from exc
-    for name in duplicated:
-        fields[name] = dataclasses.replace(fields[name], count=-1)  # marked, rejected when used
-    return fields
+    return fields, repeated
 
 
 def cloud_dtype(msg: Any, names: Sequence[str] | None = None) -> np.dtype:
@@ -127,7 +125,7 @@ def cloud_dtype(msg: Any, names: Sequence[str] | None = None) -> np.dtype:
 
 
 def _dtype(msg: Any, names: Sequence[str] | None, point_step: int, big: bool) -> np.dtype:
-    fields = _field_map(msg)
+    fields, repeated = _field_map(msg)
     wanted = list(fields) if names is None else list(names)
     order = '>' if big else '<'
     formats, offsets = [], []
@@ -136,7 +134,7 @@ def _dtype(msg: Any, names: Sequence[str] | None, point_step: int, big: bool) ->
         if field is None:
             raise CloudError('missing_field', f'field {name!r} is missing (fields: '
                              f'{", ".join(fields) or "none"})')
-        if field.count == -1:
+        if name in repeated:
             raise CloudError('bad_layout', f'field {name!r} is declared more than once')
         base = DATATYPES.get(field.datatype)
         if base is None:
