@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ START_S = 90.0          # m of street behind the first frame
 END_MARGIN = 100.0      # m of street ahead of the last frame
 MAX_SPEED = 13.0        # m/s
 AGENT_REACH = MAX_RANGE + 10.0
+_TIMING_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -125,16 +130,32 @@ class Sequence:
         """Render frame `f` (pose relative to the first frame, like KITTI's poses.txt)."""
         tic = time.perf_counter()
         mesh, centers, radii = self.agent_mesh(f)
+        self._add_time('agents', tic)
         rng = np.random.default_rng([self.seed, self.index, f, 1])
         scan = self.sensor.scan(self.poses[f], rng, mesh, centers, radii)
-        self.timings['scan'] = self.timings.get('scan', 0.0) + time.perf_counter() - tic
         pose = np.linalg.solve(self.poses[0], self.poses[f])
         return Frame(index=f, stamp_ns=f * int(SCAN_PERIOD * 1e9), points=scan.points,
                      pose=pose, labels=scan.labels, extra={'ring': scan.ring, 'time': scan.time})
 
-    def frames(self) -> Iterator[Frame]:
-        for f in range(len(self)):
-            yield self.frame(f)
+    def _add_time(self, stage: str, since: float) -> None:
+        with _TIMING_LOCK:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+    def frames(self, workers: int = 2) -> Iterator[Frame]:
+        """All frames in order, rendered `workers` at a time in threads (open3d casts without
+        the GIL, so one frame's ray casting overlaps another's numpy work and the caller's
+        writing). The result does not depend on `workers`."""
+        if workers <= 1:
+            for f in range(len(self)):
+                yield self.frame(f)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque(pool.submit(self.frame, f) for f in range(min(workers + 1, len(self))))
+            for f in range(len(pending), len(self) + len(pending)):
+                frame = pending.popleft().result()
+                if f < len(self):
+                    pending.append(pool.submit(self.frame, f))
+                yield frame
 
 
 def make_sequence(seed: int, index: int, frames: int, urban: bool | None = None,
@@ -161,6 +182,32 @@ def make_sequence(seed: int, index: int, frames: int, urban: bool | None = None,
     return Sequence(world, ego, agents, poses, sensor, seed, index, timings)
 
 
+def write_simulated(seq: Sequence, folder: str | os.PathLike,
+                    bag_path: str | os.PathLike | None = None, overwrite: bool = False,
+                    on_frame: Callable[[Frame], object] | None = None) -> None:
+    """Render every frame of `seq` into a SemanticKITTI sequence folder (poses in the KITTI
+    camera convention with KITTI's Tr) and, with `bag_path`, a rosbag2 (MCAP) at the same time.
+    `on_frame` is called with every frame written; time spent writing goes to
+    `seq.timings['write']`."""
+    with KittiWriter(folder, tr=KITTI_TR, overwrite=overwrite) as writer:
+        def written() -> Iterator[Frame]:
+            for frame in seq.frames():
+                tic = time.perf_counter()
+                writer.write(frame)
+                seq._add_time('write', tic)
+                if on_frame is not None:
+                    on_frame(frame)
+                yield frame
+
+        if bag_path is None:
+            for _ in written():
+                pass
+        else:
+            from distdpo_training.bags import write_sequence_bag
+
+            write_sequence_bag(bag_path, written())
+
+
 def simulate_dataset(out: str | os.PathLike, sequences: int = 1, frames: int = 50,
                      seed: int = 0, bag: bool = False, first: int = 0,
                      overwrite: bool = False, progress: bool = True) -> list[Path]:
@@ -183,25 +230,13 @@ def simulate_dataset(out: str | os.PathLike, sequences: int = 1, frames: int = 5
             if bag and bag_path.exists():
                 if not overwrite:
                     raise UserError(f'{bag_path}: already exists; use --overwrite or a new OUT')
-                import shutil
                 shutil.rmtree(bag_path)
             bar.set_postfix_str(f'sequence {name}: building the world')
             seq = make_sequence(seed, k, frames)
             bar.set_postfix_str(f'sequence {name} ({"urban" if seq.world.urban else "suburban"})')
             folder = out / 'sequences' / name
-            with KittiWriter(folder, tr=KITTI_TR, overwrite=overwrite) as writer:
-                def written(seq: Sequence = seq, writer: KittiWriter = writer) -> Iterator[Frame]:
-                    for frame in seq.frames():
-                        writer.write(frame)
-                        bar.update(1)
-                        yield frame
-
-                if bag:
-                    from distdpo_training.bags import write_sequence_bag
-                    write_sequence_bag(bag_path, written())
-                else:
-                    for _ in written():
-                        pass
+            write_simulated(seq, folder, bag_path if bag else None, overwrite,
+                            on_frame=lambda _: bar.update(1))
             folders.append(folder)
     finally:
         bar.close()

@@ -15,6 +15,8 @@ scene rebuilt every frame and only the rays that can reach them are cast against
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 
@@ -46,6 +48,12 @@ DROPOUT = 0.004             # chance that any return is lost
 EGO_DEPTH = 0.5
 EGO_AHEAD = (1.35, 0.66)
 EGO_BEHIND = (1.55, 1.0)
+
+
+# Per-material tables: chance of losing a return, range noise (sensor + material).
+_LOSS = (DROPOUT + M.MAT_DROPOUT).astype(np.float32)
+_SIGMA = np.sqrt(RANGE_NOISE ** 2 + M.MAT_NOISE ** 2).astype(np.float32)
+_WEAK = 0.04    # echoes weaker than this may be lost: P = 0.4 exp(-150 signal)
 
 
 @dataclasses.dataclass
@@ -87,7 +95,9 @@ def _blocked_by_ego(directions: np.ndarray) -> np.ndarray:
 
 
 class HDL64E:
-    """Casts one revolution against a static scene plus moving agents and models the returns."""
+    """Casts one revolution against a static scene plus moving agents and models the returns.
+
+    `scan` may run in several threads at once (open3d releases the GIL while casting)."""
 
     def __init__(self, static: Mesh, facades: np.ndarray, n_azimuth: int = N_AZIMUTH) -> None:
         import open3d as o3d
@@ -96,13 +106,19 @@ class HDL64E:
         directions, ring, azimuth = ray_grid(n_azimuth)
         keep = ~_blocked_by_ego(directions)
         self.directions = directions[keep].astype(np.float32)
+        self._columns = np.ascontiguousarray(self.directions.T)    # (3, N) for fast gathers
         self.ring = ring[keep].astype(np.uint16)
-        self.azimuth = azimuth[keep].astype(np.int32)
+        self.time = (azimuth[keep] * (SCAN_PERIOD / n_azimuth)).astype(np.float32)
+        self.ring_azimuth = ring[keep] * n_azimuth + azimuth[keep]
         self.n_azimuth = n_azimuth
         self.n_rays = n_azimuth * N_RINGS            # every firing, blocked ones included
         self.static = static
         self.facades = facades
         self._static_scene = self._scene(static.vertices, static.faces)
+        self._static_scene.cast_rays(self._o3d.core.Tensor(np.zeros((1, 6), np.float32)))
+        # Seconds spent per stage over all scans: static cast, agent scene + cast, returns.
+        self.timings = {'cast_static': 0.0, 'cast_agents': 0.0, 'returns': 0.0}
+        self._lock = threading.Lock()
 
     def _scene(self, vertices: np.ndarray, faces: np.ndarray):
         scene = self._o3d.t.geometry.RaycastingScene()
@@ -111,11 +127,7 @@ class HDL64E:
                                 self._o3d.core.Tensor(np.ascontiguousarray(faces, np.uint32)))
         return scene
 
-    def _cast(self, scene, origin: np.ndarray, directions: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rays = np.empty((len(directions), 6), np.float32)
-        rays[:, :3] = origin
-        rays[:, 3:] = directions
+    def _cast(self, scene, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ans = scene.cast_rays(self._o3d.core.Tensor(rays))
         return (ans['t_hit'].numpy(), ans['primitive_ids'].numpy(),
                 ans['primitive_normals'].numpy())
@@ -140,7 +152,7 @@ class HDL64E:
             lo = int(np.floor((azc - half) / (2 * np.pi) * self.n_azimuth)) - 1
             hi = int(np.ceil((azc + half) / (2 * np.pi) * self.n_azimuth)) + 1
             mask[np.ix_(rings, np.arange(lo, hi + 1) % self.n_azimuth)] = True
-        return np.flatnonzero(mask[self.ring, self.azimuth])
+        return np.flatnonzero(mask.ravel()[self.ring_azimuth])
 
     def scan(self, pose: np.ndarray, rng: np.random.Generator, agents: Mesh | None = None,
              agent_centers: np.ndarray | None = None, agent_radii: np.ndarray | None = None
@@ -148,73 +160,87 @@ class HDL64E:
         """One revolution from the sensor at `pose` (4x4, sensor to world). `agents` is the
         moving agents' mesh in world coordinates; their bounding spheres (world centres, radii)
         select the rays cast against it."""
-        rot, origin = pose[:3, :3], pose[:3, 3]
+        tic = time.perf_counter()
+        rot, origin = pose[:3, :3].astype(np.float32), pose[:3, 3]
+        rays = np.empty((len(self.directions), 6), np.float32)
+        rays[:, :3] = origin
         # einsum: numpy's BLAS matmul is far slower on (N, 3) x (3, 3) with busy cores.
-        dirs_world = np.einsum('nj,ij->ni', self.directions, rot.astype(np.float32))
-        t_hit, prim, normal = self._cast(self._static_scene, origin, dirs_world)
-        by_agent = None
+        np.einsum('nj,ij->ni', self.directions, rot, out=rays[:, 3:])
+        t_hit, prim, normal = self._cast(self._static_scene, rays)
+        tic = self._tick('cast_static', tic)
+        rows = prim_a = None
         if agents is not None and agents.n_faces and agent_centers is not None:
             cand = self._candidates(np.einsum('nj,ji->ni', agent_centers - origin, rot),
                                     agent_radii)
             if len(cand):
                 t_a, prim_a, normal_a = self._cast(self._scene(agents.vertices, agents.faces),
-                                                   origin, dirs_world[cand])
+                                                   rays[cand])
                 closer = t_a < t_hit[cand]
-                rows = cand[closer]
-                t_hit[rows], prim[rows] = t_a[closer], prim_a[closer]
-                normal[rows] = normal_a[closer]
-                by_agent = np.zeros(len(t_hit), bool)
-                by_agent[rows] = True
+                rows, prim_a = cand[closer], prim_a[closer]
+                t_hit[rows], normal[rows] = t_a[closer], normal_a[closer]
+                prim[rows] = 0
+        tic = self._tick('cast_agents', tic)
+        incidence = np.abs(np.einsum('ni,ni->n', normal, rays[:, 3:]))
         idx = np.flatnonzero(t_hit <= MAX_RANGE + 0.5)          # misses are inf
         face = prim[idx]
-        src = self.static
-        if by_agent is None or not by_agent[idx].any():
-            attrs = [a[face] for a in (src.label, src.instance, src.rho, src.material, src.owner)]
-        else:
-            mine = by_agent[idx]
-            attrs = [a[np.where(mine, 0, face)] for a in (src.label, src.instance, src.rho,
-                                                           src.material, src.owner)]
+        attrs = [a[face] for a in (self.static.label, self.static.instance, self.static.rho,
+                                   self.static.material, self.static.owner)]
+        if rows is not None and len(rows):
+            mine = np.searchsorted(idx, rows)                     # rows are all hits
             for column, values in zip(attrs, (agents.label, agents.instance, agents.rho,
                                                agents.material), strict=False):
-                column[mine] = values[face[mine]]
+                column[mine] = values[prim_a]
             attrs[4][mine] = -1
-        return self._returns(idx, t_hit[idx], dirs_world[idx], normal[idx], origin, *attrs,
+        scan = self._returns(idx, t_hit[idx], incidence[idx], rays, normal, origin, *attrs,
                              rng=rng)
+        self._tick('returns', tic)
+        return scan
 
-    def _returns(self, idx: np.ndarray, t: np.ndarray, dirs: np.ndarray, normal: np.ndarray,
-                 origin: np.ndarray, label: np.ndarray, inst: np.ndarray, rho: np.ndarray,
-                 mat: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -> Scan:
-        """Turn the hits of rays `idx` (range `t`, world direction, surface normal and face
-        attributes) into measured returns: windows, foliage, noise, dropout, remission."""
+    def _tick(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self.timings[stage] += now - since
+        return now
+
+    def _returns(self, idx: np.ndarray, t: np.ndarray, incidence: np.ndarray, rays: np.ndarray,
+                 normal: np.ndarray, origin: np.ndarray, label: np.ndarray, inst: np.ndarray,
+                 rho: np.ndarray, mat: np.ndarray, owner: np.ndarray,
+                 rng: np.random.Generator) -> Scan:
+        """Turn the hits of rays `idx` (range `t`, |cos| of the incidence angle, face attributes;
+        all rays and normals for the few that need geometry) into measured returns: windows,
+        foliage, noise, dropout, remission."""
         n = len(idx)
-        u = rng.random((4, n), dtype=np.float32)
-        lost = u[0] < DROPOUT + M.MAT_DROPOUT[mat]
+        u = rng.random((3, n), dtype=np.float32)      # dropout, weak echo, speckle
+        keep = u[0] >= _LOSS[mat]
         # Window panes: the beam goes into the room (a return behind the facade) or is lost.
-        facade = np.flatnonzero(M.MAT_WINDOWS[mat] & (owner >= 0))
+        facade = np.flatnonzero(M.MAT_WINDOWS[mat])
         if len(facade):
-            f = facade[self._in_window(t[facade], dirs[facade], normal[facade], origin,
+            rows = idx[facade]
+            f = facade[self._in_window(t[facade], rays[rows, 3:], normal[rows], origin,
                                        owner[facade])]
-            lost[f] |= u[1, f] < 0.15
-            t[f] += 0.05 - 0.4 * np.log1p(-u[2, f] * 0.99)       # into the room, mostly near
+            v = rng.random((2, len(f)), dtype=np.float32)
+            keep[f] &= v[0] >= 0.15
+            t[f] += 0.05 - 0.4 * np.log1p(-0.99 * v[1])           # into the room, mostly near
             rho[f] = 0.08
         # Foliage and glass: pulses end somewhere inside the crown or the car.
         depth = M.MAT_DEPTH[mat]
-        porous = np.flatnonzero(depth > 0)
+        porous = np.flatnonzero(depth)
         t[porous] += rng.standard_exponential(len(porous), dtype=np.float32) * depth[porous]
-        sigma = np.sqrt(RANGE_NOISE ** 2 + M.MAT_NOISE[mat] ** 2)
-        t += rng.standard_normal(n, dtype=np.float32) * sigma
-        cos_inc = np.abs(np.einsum('ni,ni->n', normal, dirs))
-        # Weak echoes (dark, grazing, far) are lost more often.
-        signal = rho * (0.3 + 0.7 * cos_inc) * np.minimum(1.0, np.square(30.0 / t))
-        lost |= u[3] < 0.4 * np.exp(-signal * 150.0)
-        ok = np.flatnonzero(~lost & (t >= MIN_RANGE) & (t <= MAX_RANGE))
+        t += rng.standard_normal(n, dtype=np.float32) * _SIGMA[mat]
+        # Echo strength: reflectivity and incidence; weak (dark, grazing, far) echoes get lost.
+        strength = rho * (0.3 + 0.7 * incidence)
+        signal = strength * np.minimum(1.0, np.square(30.0 / t))
+        weak = np.flatnonzero(signal < _WEAK)
+        keep[weak] &= u[1, weak] >= 0.4 * np.exp(-150.0 * signal[weak])
+        keep &= (t >= MIN_RANGE) & (t <= MAX_RANGE)
+        ok = np.flatnonzero(keep)
         idx, t = idx[ok], t[ok]
         points = np.empty((len(ok), 4), np.float32)
-        points[:, :3] = self.directions[idx] * t[:, None]
-        points[:, 3] = self._remission(rho[ok], cos_inc[ok], t, rng)
+        for k in range(3):
+            np.multiply(self._columns[k][idx], t, out=points[:, k])
+        points[:, 3] = _remission(strength[ok], t, u[2, ok])
         labels = label[ok].astype(np.uint32) | (inst[ok].astype(np.uint32) << 16)
-        time = self.azimuth[idx].astype(np.float32) * np.float32(SCAN_PERIOD / self.n_azimuth)
-        return Scan(points, labels, self.ring[idx], time)
+        return Scan(points, labels, self.ring[idx], self.time[idx])
 
     def _in_window(self, t: np.ndarray, dirs: np.ndarray, n: np.ndarray, origin: np.ndarray,
                    owner: np.ndarray) -> np.ndarray:
@@ -230,11 +256,11 @@ class HDL64E:
         in_floor = (up % floor)
         return wall & (up > 0.8) & (along < width) & (in_floor > 0.85) & (in_floor < 2.35)
 
-    @staticmethod
-    def _remission(rho: np.ndarray, cos_inc: np.ndarray, t: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
-        """KITTI-like remission in [0, 1], quantised to 0.01: it fades beyond about 25 m."""
-        fade = np.exp(-np.square(np.maximum(t - 25.0, 0.0) / 20.0))
-        speckle = np.exp(0.2 * rng.standard_normal(len(t), dtype=np.float32))
-        value = rho * (0.35 + 0.65 * cos_inc) * fade * speckle
-        return np.clip(np.round(value, 2), 0.0, 0.99).astype(np.float32)
+
+def _remission(strength: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """KITTI-like remission in [0, 1], quantised to 0.01: echo strength with +-30 % speckle,
+    fading beyond 25 m."""
+    value = strength * (0.7 + 0.6 * u)
+    far = np.flatnonzero(t > 25.0)
+    value[far] *= np.exp(-np.square((t[far] - 25.0) / 20.0))
+    return np.clip(np.round(value, 2), 0.0, 0.99)

@@ -1,0 +1,46 @@
+"""Speed of the simulator, measured: scans per second of `distdpo simulate` and where time goes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distdpo_training.simulation.drive import make_sequence, write_simulated
+
+
+def bench_simulate(workdir: str | os.PathLike, frames: int = 100, seed: int = 0,
+                   sequences: int = 2) -> dict:
+    """Simulate `sequences` drives of `frames` scans into `workdir` (as `distdpo simulate`
+    does, SemanticKITTI files included) and report scans per second end to end, per scan once
+    the world exists, and the milliseconds per scan of each stage."""
+    stages: dict[str, float] = {}
+    points = []
+    total_start = time.perf_counter()
+    for index in range(sequences):
+        seq = make_sequence(seed, index, frames)
+        folder = Path(workdir) / 'bench-simulate' / 'sequences' / f'{index:02d}'
+        write_simulated(seq, folder, overwrite=True,
+                        on_frame=lambda frame: points.append(len(frame.points)))
+        for stage, seconds in {**seq.timings, **seq.sensor.timings}.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    total = time.perf_counter() - total_start
+    scans = sequences * frames
+    setup = stages['world'] + stages['static_scene']
+    per_scan = (total - setup) / scans
+    return {
+        'sequences': sequences, 'frames': frames, 'seed': seed,
+        'cpu_threads': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+        else os.cpu_count(),
+        'points_per_scan': round(float(np.mean(points))),
+        'scans_per_s': round(scans / total, 2),
+        'scans_per_s_after_world_build': round(1.0 / per_scan, 2),
+        'world_build_s_per_sequence': round(stages['world'] / sequences, 3),
+        'static_scene_build_s_per_sequence': round(stages['static_scene'] / sequences, 3),
+        'ms_per_scan': {
+            stage: round(stages[stage] / scans * 1000, 2)
+            for stage in ('agents', 'cast_static', 'cast_agents', 'returns', 'write')},
+        'ms_per_scan_total': round(per_scan * 1000, 2),
+    }
