@@ -208,3 +208,15 @@ def test_ray_grid_is_the_kitti_firing_pattern():
     assert np.all(np.diff(ELEVATIONS_DEG[1:]) < 0)                       # top to bottom
     steps = np.diff(np.unwrap(np.arctan2(directions[ring == 5, 1], directions[ring == 5, 0])))
     np.testing.assert_allclose(steps, 2 * np.pi / N_AZIMUTH, rtol=1e-3)
+
+
+def test_bench_data_reports_simulator_speed(tmp_path, capsys):
+    import json
+
+    assert cli_main(['bench', 'data', '--json', '--sections', 'simulate', '--sim-frames', '3',
+                     '--sim-sequences', '1']) == 0
+    report = json.loads(capsys.readouterr().out)['simulate']
+    assert report['frames'] == 3 and 100_000 < report['points_per_scan'] < 140_000
+    assert report['scans_per_s'] > 0 and report['scans_per_s_after_world_build'] > 0
+    assert set(report['ms_per_scan']) == {'agents', 'cast_static', 'cast_agents', 'returns',
+                                          'write'}

@@ -7,6 +7,9 @@ selected ones in order and prints one JSON object keyed by section (or readable 
   LiDiff's loop (append each scan, re-quantise the whole map) on the same scans of the same
   sequence, their ratio, and whether both maps are identical. The reference loop is quadratic in
   the number of scans, so its per-1,000 figure is the rate over `--scans` scans, not a forecast.
+- `simulate`: scans per second of `distdpo simulate` (world building and SemanticKITTI files
+  included, and once the world exists), with milliseconds per scan of each stage
+  (:func:`distdpo_training.simulation.bench.bench_simulate`).
 """
 
 from __future__ import annotations
@@ -65,8 +68,16 @@ def bench_build_maps(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def bench_simulate_section(args: argparse.Namespace, workdir: Path) -> dict:
+    from distdpo_training.simulation.bench import bench_simulate
+
+    return bench_simulate(workdir, frames=args.sim_frames, seed=args.seed,
+                          sequences=args.sim_sequences)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {
     'build_maps': bench_build_maps,
+    'simulate': bench_simulate_section,
 }
 
 
@@ -75,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'Measure the data pipeline in this run and print what was measured: build-maps seconds '
         'per 1,000 scans against a plain re-implementation of the reference loop that '
         're-quantises the whole map after every scan, on the same scans (speed-up, identical '
-        'maps).')
+        'maps); simulator scans per second and where its time goes.')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
     parser.add_argument('--sections', nargs='+', choices=list(SECTIONS), default=list(SECTIONS),
                         help='what to measure (default: all)')
@@ -88,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='scans to build the map from (default: %(default)s)')
     parser.add_argument('--voxel', type=float, default=0.1,
                         help='map voxel size in metres (default: %(default)s)')
+    parser.add_argument('--sim-frames', type=int, default=100,
+                        help='scans per simulated drive timed by `simulate` (default: '
+                        '%(default)s)')
+    parser.add_argument('--sim-sequences', type=int, default=2,
+                        help='simulated drives timed by `simulate` (default: %(default)s)')
 
 
 def run(args: argparse.Namespace) -> int:
