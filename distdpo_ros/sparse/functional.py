@@ -1,0 +1,88 @@
+"""Sparse convolution as gather -> matrix product -> scatter over a :class:`KernelMap`.
+
+For each kernel weight ``k`` with pairs (in rows, out rows): ``out[out_rows] += x[in_rows] @
+W[k]``; the identity weight (centre of a submanifold conv) is one dense ``x @ W[k]``. This does
+exactly the multiply-adds of the pairs that exist. On this project's 2-core CPU it measured faster
+than an im2col gather into an (N, 27 * C_in) matrix (which multiplies zeros for every missing
+neighbour, 3-10x more work on LiDAR voxels with 1-19 of 27 neighbours present), than one gather of
+all pairs followed by a single scatter (memory-bound on big layers), and than padded batched GEMMs;
+see the issue note for numbers.
+
+Features may hold R replicas of the geometry, voxel-major: row ``v * R + r`` is voxel ``v`` of
+replica ``r``. Viewing them as (N, R * C) lets one index operation serve all replicas with one
+kernel map.
+
+The autograd function saves only its inputs (not the gathered rows) and re-gathers in backward,
+which keeps training memory at the size of the feature maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distdpo_ros.sparse.coords import KernelMap
+
+
+def _apply_map(x: Tensor, weight: Tensor, kmap: KernelMap, replicas: int) -> Tensor:
+    """out (n_out * R, C_out) = sum over pairs of x[in] @ weight[k], scattered to out rows."""
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    if kmap.identity is not None:
+        out = x @ weight[kmap.identity]
+    else:
+        out = x.new_zeros(kmap.n_out * replicas, c_out)
+    x_rows = x.view(kmap.n_in, replicas * c_in)
+    out_rows = out.view(kmap.n_out, replicas * c_out)
+    for k, rows_in, rows_out in kmap.pairs:
+        gathered = x_rows.index_select(0, rows_in).view(-1, c_in)
+        out_rows.index_add_(0, rows_out, (gathered @ weight[k]).view(-1, replicas * c_out))
+    return out
+
+
+def _weight_grad(x: Tensor, grad: Tensor, weight: Tensor, kmap: KernelMap,
+                 replicas: int) -> Tensor:
+    """dL/dW[k] = x[in]^T @ grad[out] for every kernel weight."""
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    grad_w = torch.zeros_like(weight)
+    if kmap.identity is not None:
+        grad_w[kmap.identity] = x.t() @ grad
+    x_rows = x.view(kmap.n_in, replicas * c_in)
+    g_rows = grad.view(kmap.n_out, replicas * c_out)
+    for k, rows_in, rows_out in kmap.pairs:
+        xs = x_rows.index_select(0, rows_in).view(-1, c_in)
+        gs = g_rows.index_select(0, rows_out).view(-1, c_out)
+        grad_w[k] += xs.t() @ gs
+    return grad_w
+
+
+class _SparseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, kmap: KernelMap, replicas: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.kmap, ctx.replicas = kmap, replicas
+        return _apply_map(x, weight, kmap, replicas)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, weight = ctx.saved_tensors
+        kmap, replicas = ctx.kmap, ctx.replicas
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _apply_map(grad, weight.transpose(1, 2), kmap.transposed(), replicas)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(x, grad, weight, kmap, replicas)
+        return grad_x, grad_w, None, None
+
+
+def sparse_conv(x: Tensor, weight: Tensor, kmap: KernelMap, replicas: int = 1) -> Tensor:
+    """Convolve features ``x`` (n_in * R, C_in) with ``weight`` (K, C_in, C_out) over ``kmap``.
+
+    Returns (n_out * R, C_out). Differentiable in ``x`` and ``weight``.
+    """
+    if x.shape[0] != kmap.n_in * replicas:
+        raise ValueError(f'features have {x.shape[0]} rows, the kernel map expects '
+                         f'{kmap.n_in} voxels x {replicas} replicas')
+    return _SparseConv.apply(x.contiguous(), weight, kmap, replicas)
