@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from distdpo_ros import cli
 from distdpo_ros.completion import (
     Completer,
     farthest_point_sample,
@@ -19,9 +22,22 @@ from distdpo_ros.completion import (
     valid_points,
 )
 from distdpo_ros.config import ModelConfig, preset
+from distdpo_ros.diffusion import GuidedDenoiser
 from distdpo_ros.errors import UserError
+from distdpo_ros.pointio import read_points
 
 TINY = preset('tiny', 'student')
+# The real networks at the tiny scale, with few points so that a step takes milliseconds.
+MICRO = TINY.replace(scan_points=64, replication=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: extra threads only add synchronisation (and stall on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,3 +246,130 @@ def test_bad_arguments_are_user_errors(toy: Completer, scan: np.ndarray) -> None
         toy.complete(scan, solver='euler')
     with pytest.raises(UserError, match='points'):
         toy.complete(np.zeros((5, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real networks (models.DiffusionNet / RefineNet at a micro size) and the CLI
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def bundle():
+    from distdpo_ros.checkpoint import ModelBundle
+    from distdpo_ros.models import DiffusionNet, RefineNet
+
+    torch.manual_seed(0)
+    config = MICRO.replace(has_refine=True)
+    return ModelBundle(config=config, diffusion=DiffusionNet(config).eval(),
+                       refine=RefineNet(config).eval())
+
+
+@pytest.fixture(scope='module')
+def model_dir(bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from distdpo_ros.checkpoint import save_model
+
+    return save_model(tmp_path_factory.mktemp('model') / 'micro', bundle)
+
+
+def test_real_net_batched_guidance_equals_two_passes(bundle) -> None:
+    net = bundle.diffusion
+    scans = torch.from_numpy(np.stack([preprocess(synthetic_scan(seed=s, beams=16), MICRO)
+                                       for s in (0, 1)]))
+    x_t = initial_cloud(scans, MICRO.replication) + torch.randn(2, 128, 3)
+    t = torch.tensor([999, 250])
+    with torch.inference_mode():
+        batched = GuidedDenoiser(net, scans, 3.5, batched=True)(x_t, t)
+        separate = GuidedDenoiser(net, scans, 3.5, batched=False)(x_t, t)
+        eps_c = net(x_t, t, net.encode(scans))
+        eps_u = net(x_t, t, net.null_condition(2))
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(separate, eps_u + 3.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
+
+
+def test_real_net_encoder_once_equals_recomputing(bundle, scan: np.ndarray) -> None:
+    completer = Completer(bundle)
+    once = completer.complete(scan, steps=4, guidance=3.5, seed=1)
+    every_step = completer.complete(scan, steps=4, guidance=3.5, seed=1, encoder_once=False)
+    separate = completer.complete(scan, steps=4, guidance=3.5, seed=1, batched_guidance=False)
+    np.testing.assert_array_equal(once, every_step)
+    assert once.shape == separate.shape
+    np.testing.assert_allclose(once, separate, atol=1e-4)
+
+
+def test_real_net_completion_is_per_scene_and_per_seed(bundle) -> None:
+    completer = Completer(bundle)
+    a, b = synthetic_scan(seed=4, beams=16), synthetic_scan(seed=5, beams=16)
+    first = [completer.complete(a, steps=2, seed=1), completer.complete(b, steps=2, seed=2)]
+    second = [completer.complete(b, steps=2, seed=2), completer.complete(a, steps=2, seed=1)]
+    np.testing.assert_array_equal(first[0], second[1])
+    np.testing.assert_array_equal(first[1], second[0])
+
+
+def test_real_net_scan_sparser_than_the_model_size(bundle) -> None:
+    rng = np.random.default_rng(0)
+    sparse = np.concatenate([rng.uniform(-15, 15, (30, 2)), rng.uniform(-1.7, 0, (30, 1))], 1)
+    sparse[:, 0] += np.sign(sparse[:, 0]) * 5  # outside min_range
+    out = Completer(bundle).complete(sparse, steps=2, seed=0)
+    assert out.ndim == 2 and out.shape[1] == 3 and len(out) > 0
+
+
+def test_real_refinement_multiplies_points(bundle, scan: np.ndarray) -> None:
+    completer = Completer(bundle)
+    plain = completer.complete(scan, steps=1, seed=0)
+    refined = completer.complete(scan, steps=1, seed=0, refine=True)
+    assert refined.shape == (len(plain) * MICRO.refine_up_factor, 3)
+    offsets = refined.reshape(len(plain), MICRO.refine_up_factor, 3) - plain[:, None]
+    assert np.abs(offsets).max() <= 1.0 + 1e-5  # Tanh-bounded offsets in metres
+
+
+def test_from_pretrained_loads_a_checkpoint_directory(model_dir: Path, bundle,
+                                                      scan: np.ndarray) -> None:
+    loaded = Completer.from_pretrained(model_dir, device='cpu')
+    assert loaded.has_refine and loaded.device.type == 'cpu'
+    np.testing.assert_array_equal(loaded.complete(scan, steps=2, seed=0),
+                                  Completer(bundle).complete(scan, steps=2, seed=0))
+    with pytest.raises(UserError):
+        Completer.from_pretrained(model_dir / 'missing', device='cpu')
+
+
+def test_cli_completes_a_kitti_bin(model_dir: Path, tmp_path: Path, capsys) -> None:
+    scan_path = tmp_path / '000000.bin'
+    scan_path.write_bytes(synthetic_scan(seed=6, beams=16).tobytes())
+    out = tmp_path / 'dense.pcd'
+    code = cli.main(['complete', '--model', str(model_dir), str(scan_path), '--steps', '2',
+                     '--refine', '--seed', '3', '--device', 'cpu', '--out', str(out)])
+    assert code == 0
+    cloud = read_points(out)
+    assert cloud.shape[1] == 3 and len(cloud) % MICRO.refine_up_factor == 0
+    assert 'wrote' in capsys.readouterr().err
+
+
+def test_cli_reports_unreadable_input(model_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / 'scan.bin'
+    bad.write_bytes(b'\x00' * 10)
+    assert cli.main(['complete', '--model', str(model_dir), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('distdpo: error:') and 'scan.bin' in err and 'truncated' in err
+    assert cli.main(['complete', '--model', str(model_dir), str(bad), '--out',
+                     str(tmp_path / 'x.las')]) == 2
+
+
+def test_cli_completes_a_real_scan(model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / 'real.ply'
+    code = cli.main(['complete', '--model', str(model_dir), '--steps', '2', '--device', 'cpu',
+                     str(shared_data / 'real_scans' / 'semantickitti_000123.ply'),
+                     '--out', str(out)])
+    assert code == 0 and len(read_points(out)) > 0
+
+
+def test_bench_sampling_prints_the_json_contract(model_dir: Path, capsys) -> None:
+    code = cli.main(['bench', 'sampling', '--json', '--model', str(model_dir), '--steps',
+                     '1,2,8,50', '--repeats', '1', '--threads', '1', '--device', 'cpu'])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['scale'] == 'tiny' and result['device'].startswith('cpu')
+    assert set(result['seconds']) == {'1', '2', '8', '50'}
+    assert all(v > 0 for v in result['seconds'].values())
+    assert result['ratios_to_50']['50'] == 1.0
+    assert 0 < result['fixed_fraction_of_8_steps'] < 1
+    assert set(result['savings_off_8_steps']) == {'encoder_every_step',
+                                                  'separate_guidance_passes', 'both_off'}

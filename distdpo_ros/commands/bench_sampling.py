@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'branch only)')
     parser.add_argument('--device', default='auto',
                         help='auto (CUDA when available), cpu or cuda[:N] (default: auto)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='CPU threads for torch (default: torch\'s own choice; 1 is often '
+                             'fastest on a CPU shared with other work)')
     parser.add_argument('--no-ablation', action='store_true',
                         help='skip the 8-step runs with the savings switched off')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
@@ -88,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     steps_list = _steps_list(args.steps)
     if args.repeats < 1:
         raise UserError(f'--repeats must be at least 1, got {args.repeats}')
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f'--threads must be at least 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
     scan = read_points(args.input) if args.input else synthetic_scan()
     completer, model_name = _completer(args)
     config = completer.config

@@ -50,12 +50,20 @@ class GuidedDenoiser:
         self._cached = self._conditions() if cache_condition else None
 
     def _conditions(self) -> tuple[Any, Any]:
-        """(condition, null condition); in batched mode the first is the pair concatenated."""
+        """(condition, null condition); batched: one condition of 2B items, null None.
+
+        The batched condition interleaves the branches (scene 0, null, scene 1, null, ...) so
+        that the doubled x_t holds each cloud twice in a row and the network can voxelise it
+        once for both branches (DiffusionNet shares the geometry of consecutive identical items).
+        """
         uses_cond, uses_null = self.weight != 0.0, self.weight != 1.0
+        if self.batched and uses_cond and uses_null:
+            items = []
+            for b in range(self.batch):
+                items += [self.net.encode(self.scan[b:b + 1]), self.net.null_condition(1)]
+            return type(items[0]).cat(items), None
         cond = self.net.encode(self.scan) if uses_cond else None
         null = self.net.null_condition(self.batch) if uses_null else None
-        if self.batched and uses_cond and uses_null:
-            return type(cond).cat([cond, null]), None
         return cond, null
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -64,9 +72,10 @@ class GuidedDenoiser:
             return self.net(x_t, t, cond)
         if self.weight == 0.0:
             return self.net(x_t, t, null)
-        if null is None:  # batched: conditional rows first, then unconditional
-            eps = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
-            eps_cond, eps_uncond = eps.split(self.batch)
+        if null is None:  # batched: rows 2b (conditional) and 2b + 1 (unconditional)
+            eps = self.net(x_t.repeat_interleave(2, dim=0), t.repeat_interleave(2), cond)
+            eps = eps.view(self.batch, 2, *eps.shape[1:])
+            eps_cond, eps_uncond = eps[:, 0], eps[:, 1]
         else:
             eps_cond = self.net(x_t, t, cond)
             eps_uncond = self.net(x_t, t, null)
