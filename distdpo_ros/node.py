@@ -140,6 +140,11 @@ class LatestSlot:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def pending(self) -> bool:
+        with self._cond:
+            return self._item is not None
+
 
 class RateLimitedWarnings:
     """At most one log call per key and period; the next one says how many were suppressed."""
@@ -246,6 +251,7 @@ class CompletionNode(Node):
 
         self.stats = Stats()
         self.ready = threading.Event()  # set once the warm-up is over
+        self._working = threading.Event()  # set while a scan is being completed
         self._slot = LatestSlot()
         self._warnings = RateLimitedWarnings(self.get_logger().warning,
                                              self._settings['warn_period'])
@@ -389,7 +395,16 @@ class CompletionNode(Node):
             scan = self._slot.take()
             if scan is None:
                 return
-            self._complete(scan)
+            self._working.set()
+            try:
+                self._complete(scan)
+            finally:
+                self._working.clear()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a scan is being completed or waiting to be (the warm-up counts too)."""
+        return not self.ready.is_set() or self._working.is_set() or self._slot.pending
 
     def _warm_up(self) -> None:
         s = self._settings
@@ -465,12 +480,16 @@ class CompletionNode(Node):
             f'{s["failed"]} failed of {s["received"]} received{timing}')
 
     def destroy_node(self) -> None:
-        """Stop the worker (waiting briefly for a scan in progress), then the node."""
+        """Stop the worker, letting a scan in progress finish (a model cannot be interrupted
+        safely mid-pass, and exiting under it aborts the process), then the node."""
         # Also called by rclpy's context clean-up on a node whose __init__ failed half-way.
         if hasattr(self, '_slot'):
             self._slot.close()
         if hasattr(self, '_worker'):
-            self._worker.join(timeout=5.0)
+            self._worker.join(timeout=0.5)
+            if self._worker.is_alive():
+                self.get_logger().info('waiting for the scan in progress to finish')
+                self._worker.join()
         super().destroy_node()
 
 

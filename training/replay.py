@@ -58,7 +58,7 @@ class ReplayOptions:
     seed: int = 0
     separate_process: bool = False
     gt: Path | None = None
-    wait: float = 30.0  # seconds to wait for the last completions after the last scan
+    wait: float = 30.0  # seconds to wait for a completion from a node in another process
     max_scans: int = 0  # 0: all
 
 
@@ -357,9 +357,8 @@ def replay(opts: ReplayOptions, completer: Any = None,
         threading.Thread(target=executor.spin, daemon=True).start()
         _wait_until_ready(ready, proc, publisher)
         started = time.perf_counter()
-        _play(opts, stream, publisher, recorder, report, done, progress)
-        with done:  # the last completions
-            done.wait_for(lambda: _all_answered(report), timeout=opts.wait)
+        _play(opts, stream, publisher, recorder, report, done, node, progress)
+        _wait_for_last_scan(report, done, node, opts.wait)
         report.wall_seconds = time.perf_counter() - started
         if node is not None:
             report.node = node.stats.summary()
@@ -426,8 +425,32 @@ def _wait_until_ready(ready: threading.Event, proc: subprocess.Popen | None,
         time.sleep(0.05)
 
 
+def _wait_for_last_scan(report: ReplayReport, done: threading.Condition, node: Any,
+                        timeout: float) -> None:
+    """Until the scan published last is completed. An in-process node is waited for as long as
+    it is busy (a slow model is not a stuck one) and given up on after 1 s idle (the scan was
+    rejected); a node in another process gets `timeout` seconds."""
+    if report.last_stamp is None:  # nothing published yet
+        return
+    deadline = time.monotonic() + timeout
+    idle_since: float | None = None
+    with done:
+        while not _all_answered(report):
+            now = time.monotonic()
+            if node is not None:
+                if node.busy:
+                    idle_since, deadline = None, now + timeout
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since > 1.0:
+                    return
+            if now > deadline:
+                return
+            done.wait(0.05)
+
+
 def _play(opts: ReplayOptions, stream: BagStream, publisher: Any, recorder: BagRecorder | None,
-          report: ReplayReport, done: threading.Condition,
+          report: ReplayReport, done: threading.Condition, node: Any,
           progress: Callable[[int], object] | None) -> None:
     first_bag_ns: int | None = None
     clock_start = time.perf_counter()
@@ -439,9 +462,7 @@ def _play(opts: ReplayOptions, stream: BagStream, publisher: Any, recorder: BagR
         if opts.max_scans and report.published >= opts.max_scans:
             break
         if opts.lockstep:
-            if report.sent:
-                with done:
-                    done.wait_for(lambda: _all_answered(report), timeout=opts.wait)
+            _wait_for_last_scan(report, done, node, opts.wait)
         else:
             if first_bag_ns is None:
                 first_bag_ns = bag_ns

@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-scans', type=int, default=0,
                         help='stop after this many scans (default: 0, all)')
     parser.add_argument('--wait', type=float, default=30.0,
-                        help='seconds to wait for a completion before moving on / giving up '
-                             '(default: 30)')
+                        help='with --separate-process: seconds to wait for a completion before '
+                             'moving on (default: 30); a node in this process is waited for as '
+                             'long as it is working')
     parser.add_argument('--json', action='store_true',
                         help='print the statistics as one JSON object')
 
