@@ -27,7 +27,7 @@ def _rings(points: np.ndarray) -> list[np.ndarray]:
 
 def _scan_facts(points: np.ndarray) -> dict:
     """What a KITTI scan looks like in numbers: point count, rings, median elevation per ring,
-    the fraction of laser firings that returned, and the ground height near the car."""
+    the fraction of laser firings that returned, the ground height near the car, remission."""
     rings = _rings(points)
     rng = np.linalg.norm(points[:, :3], axis=1)
     elevation = np.degrees(np.arcsin(points[:, 2] / rng))
@@ -44,6 +44,7 @@ def _scan_facts(points: np.ndarray) -> dict:
         'returned': len(points) / (len(rings) * 360.0 / step),
         'ground': edges[hist.argmax()] + 0.025,
         'max_range': rng.max(),
+        'remission': np.median(points[:, 3]),
     }
 
 
@@ -56,8 +57,8 @@ def drives():
 
 @pytest.mark.parametrize('urban', [True, False], ids=['urban', 'suburban'])
 def test_simulated_scan_looks_like_real_kitti(shared_data, drives, urban):
-    """Point count, returned rays, ring elevations and ground height of simulated scans (three
-    frames of a drive, median) against a real KITTI scan of sequence 00."""
+    """Point count, returned rays, ring elevations, ground height, range cut and remission of
+    simulated scans (three frames of a drive, median) against a real KITTI scan of sequence 00."""
     real = _scan_facts(read_scan(shared_data / REAL_SCAN))
     facts = [_scan_facts(drives[urban].frame(f).points) for f in (2, 6, 10)]
     assert real['rings'] == 64 and all(f['rings'] == 64 for f in facts)
@@ -73,6 +74,7 @@ def test_simulated_scan_looks_like_real_kitti(shared_data, drives, urban):
     assert diff.max() < 0.3, diff.round(2)
     assert abs(median('ground') - real['ground']) < 0.12, (median('ground'), real['ground'])
     assert all(75 < f['max_range'] <= 80.0 for f in facts)
+    assert abs(median('remission') - real['remission']) < 0.08
 
 
 def test_beam_constants_match_the_measured_kitti_rings(shared_data):

@@ -31,7 +31,7 @@ CROWN = 0.02          # road cross slope
 TERRAIN_CELL = 2.0    # m, terrain grid spacing
 TERRAIN_REACH = 100.0  # m of terrain on each side of the main street
 # Default reflectivity per material (objects with their own colour override it).
-RHO = np.array([0.20, 0.55, 0.30, 0.38, 0.30, 0.30, 0.30, 0.05, 0.40, 0.25, 0.30, 0.95,
+RHO = np.array([0.30, 0.60, 0.34, 0.36, 0.30, 0.30, 0.30, 0.05, 0.40, 0.25, 0.30, 0.95,
                 0.20, 0.18], np.float32)
 assert len(RHO) == len(M.MATERIALS)
 

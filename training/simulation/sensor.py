@@ -6,7 +6,8 @@ steps per revolution (10 Hz), each ring with its own small azimuth offset like t
 The sensor sits 1.73 m above the road. Returns: 80 m range cut, 1.3 m minimum range, rays blocked
 by the car's own roof removed, Gaussian range noise of 2 cm (plus material noise, foliage
 penetration and window panes that let the beam into the room or lose it), random dropout, and a
-remission that depends on the surface reflectivity, the incidence angle and the range.
+remission that depends on the surface reflectivity, the incidence angle, the range and the laser
+(per-ring gains measured on real KITTI scans).
 
 The static world is one RaycastingScene built once per sequence; moving agents are a second, small
 scene rebuilt every frame and only the rays that can reach them are cast against it.
@@ -34,6 +35,15 @@ ELEVATIONS_DEG = np.array([
     -14.028, -14.524, -14.987, -15.421, -15.930, -16.534, -17.073, -17.598, -18.115, -18.541,
     -18.961, -19.479, -20.008, -20.500, -21.060, -21.511, -21.899, -22.462, -23.011, -23.530])
 N_RINGS = len(ELEVATIONS_DEG)
+# Remission gain of each laser relative to the others: per-ring median remission over the median
+# of all rings, averaged over four real KITTI scans (sequence 00 frames 94, 95, 198, 199); the
+# lasers of an HDL-64E differ, some read much darker (rings 21, 35, 36, 42, 51).
+RING_GAIN = np.array([
+    1.22, 1.09, 1.02, 0.90, 1.13, 1.02, 1.24, 1.05, 1.20, 0.96, 1.12, 1.15, 1.20, 1.10, 1.01,
+    1.05, 1.07, 1.05, 1.17, 0.89, 1.06, 0.62, 1.06, 1.06, 0.93, 0.97, 1.04, 1.03, 1.03, 0.77,
+    1.02, 1.05, 0.93, 0.88, 0.95, 0.66, 0.46, 0.95, 1.12, 1.06, 0.88, 0.97, 0.62, 0.97, 0.97,
+    0.97, 0.98, 0.90, 0.82, 1.00, 1.11, 0.36, 0.93, 0.81, 0.77, 0.93, 1.00, 1.11, 0.73, 0.80,
+    0.73, 1.00, 1.14, 1.10], np.float32)
 N_AZIMUTH = 2048
 SCAN_PERIOD = 0.1           # s per revolution (10 Hz)
 SENSOR_HEIGHT = 1.73        # m above the road
@@ -53,6 +63,7 @@ EGO_BEHIND = (1.55, 1.0)
 # Per-material tables: chance of losing a return, range noise (sensor + material).
 _LOSS = (DROPOUT + M.MAT_DROPOUT).astype(np.float32)
 _SIGMA = np.sqrt(RANGE_NOISE ** 2 + M.MAT_NOISE ** 2).astype(np.float32)
+REMISSION_GAIN = 1.4     # KITTI remission per unit of surface reflectivity at normal incidence
 _WEAK = 0.04    # echoes weaker than this may be lost: P = 0.4 exp(-150 signal)
 
 
@@ -228,7 +239,7 @@ class HDL64E:
         t[porous] += rng.standard_exponential(len(porous), dtype=np.float32) * depth[porous]
         t += rng.standard_normal(n, dtype=np.float32) * _SIGMA[mat]
         # Echo strength: reflectivity and incidence; weak (dark, grazing, far) echoes get lost.
-        strength = rho * (0.3 + 0.7 * incidence)
+        strength = rho * (0.6 + 0.4 * incidence)
         signal = strength * np.minimum(1.0, np.square(30.0 / t))
         weak = np.flatnonzero(signal < _WEAK)
         keep[weak] &= u[1, weak] >= 0.4 * np.exp(-150.0 * signal[weak])
@@ -238,9 +249,10 @@ class HDL64E:
         points = np.empty((len(ok), 4), np.float32)
         for k in range(3):
             np.multiply(self._columns[k][idx], t, out=points[:, k])
-        points[:, 3] = _remission(strength[ok], t, u[2, ok])
+        ring = self.ring[idx]
+        points[:, 3] = _remission(strength[ok] * RING_GAIN[ring], t, u[2, ok])
         labels = label[ok].astype(np.uint32) | (inst[ok].astype(np.uint32) << 16)
-        return Scan(points, labels, self.ring[idx], self.time[idx])
+        return Scan(points, labels, ring, self.time[idx])
 
     def _in_window(self, t: np.ndarray, dirs: np.ndarray, n: np.ndarray, origin: np.ndarray,
                    owner: np.ndarray) -> np.ndarray:
@@ -259,8 +271,8 @@ class HDL64E:
 
 def _remission(strength: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
     """KITTI-like remission in [0, 1], quantised to 0.01: echo strength with +-30 % speckle,
-    fading beyond 25 m."""
-    value = strength * (0.7 + 0.6 * u)
+    fading beyond 25 m to 0 at 60-80 m (as in KITTI, where most returns past 60 m read 0)."""
+    value = REMISSION_GAIN * strength * (0.7 + 0.6 * u)
     far = np.flatnonzero(t > 25.0)
     value[far] *= np.exp(-np.square((t[far] - 25.0) / 20.0))
-    return np.clip(np.round(value, 2), 0.0, 0.99)
+    return np.clip(np.round(value - 0.015, 2), 0.0, 0.99)
