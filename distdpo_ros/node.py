@@ -179,18 +179,24 @@ class Stats:
     rejected: Counter[str] = field(default_factory=Counter)
     latency: deque[float] = field(default_factory=deque)  # receive -> publish
     model: deque[float] = field(default_factory=deque)  # inside complete()
+    queued: deque[float] = field(default_factory=deque)  # waiting for an earlier scan to finish
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add_timing(self, latency: float, model: float) -> None:
+    def add_timing(self, latency: float, model: float, queued: float) -> None:
         with self.lock:
             self.completed += 1
-            for values, value in ((self.latency, latency), (self.model, model)):
+            for values, value in ((self.latency, latency), (self.model, model),
+                                  (self.queued, queued)):
                 values.append(value)
                 if len(values) > self.window:
                     values.popleft()
 
     def summary(self) -> dict[str, Any]:
-        """Totals and median/p95/max of the recent window (milliseconds)."""
+        """Totals and median/p95/max of the recent window (milliseconds).
+
+        latency = queued + model + overhead: `queued` is the time a scan waited for the model to
+        finish an earlier one, `overhead` the node's own work (reading, waking the worker,
+        packing and publishing the result)."""
         with self.lock:
             out: dict[str, Any] = {
                 'received': self.received, 'completed': self.completed,
@@ -198,8 +204,9 @@ class Stats:
                 'rejected': sum(self.rejected.values()),
                 'rejected_by_reason': dict(self.rejected)}
             latency, model = np.array(self.latency), np.array(self.model)
-        for name, values in (('latency', latency), ('model', model),
-                             ('overhead', latency - model)):
+            queued = np.array(self.queued)
+        for name, values in (('latency', latency), ('model', model), ('queued', queued),
+                             ('overhead', latency - model - queued)):
             if values.size:
                 out[f'{name}_ms'] = {'median': float(np.median(values) * 1e3),
                                      'p95': float(np.percentile(values, 95) * 1e3),
@@ -390,6 +397,7 @@ class CompletionNode(Node):
         self._last_status = (0, 'ok')
         if self._settings['warmup']:
             self._warm_up()
+        self._free_since = time.perf_counter()  # when the worker last became free
         self.ready.set()
         while True:
             scan = self._slot.take()
@@ -420,6 +428,7 @@ class CompletionNode(Node):
     def _complete(self, scan: _Scan) -> None:
         s = self._settings
         seed = None if s['seed'] < 0 else s['seed']
+        queued = max(0.0, self._free_since - scan.received)  # the model was busy until then
         started = time.perf_counter()
         try:
             completed = self._completer.complete(scan.points, seed=seed, **_sampling(s))
@@ -432,8 +441,10 @@ class CompletionNode(Node):
             self._last_status = (2, f'completion failed: {type(exc).__name__}: {exc}')
             self._warnings.warn('failed', f'completion failed: {type(exc).__name__}: {exc}')
             return
+        finally:
+            self._free_since = time.perf_counter()
         self._last_status = (0, 'ok')
-        self.stats.add_timing(time.perf_counter() - scan.received, model_time)
+        self.stats.add_timing(self._free_since - scan.received, model_time, queued)
 
     def _limit_points(self, points: np.ndarray, seed: int | None) -> np.ndarray:
         limit = self._settings['points']
@@ -455,7 +466,7 @@ class CompletionNode(Node):
         if self._diagnostics is None:
             return
         values = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        for name in ('latency_ms', 'model_ms', 'overhead_ms'):
+        for name in ('latency_ms', 'model_ms', 'queued_ms', 'overhead_ms'):
             for stat, value in summary.get(name, {}).items():
                 values[f'{name[:-3]} {stat} [ms]'] = round(value, 2)
         for reason, count in summary['rejected_by_reason'].items():

@@ -230,6 +230,7 @@ def test_backpressure_only_the_newest_scan_is_processed(harness):
     assert stats['completed'] + stats['dropped'] == stats['received']
     assert stats['latency_ms']['max'] < 1300, stats  # at most one wait plus one completion
     assert stats['overhead_ms']['median'] < 100, stats
+    assert 0 < stats['queued_ms']['max'] < 700, stats  # waited at most for one earlier scan
     drops = [kv.value for a in h.diagnostics for s in a.status for kv in s.values
              if kv.key == 'dropped']
     assert drops and int(drops[-1]) == stats['dropped'] > 30

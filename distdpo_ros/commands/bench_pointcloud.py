@@ -2,8 +2,9 @@
 
 Conversion is measured on a Velodyne-layout cloud (x, y, z, intensity float32, ring uint16, time
 float32, point_step 22, every float unaligned) against a per-point `struct` implementation in the
-same run. The node overhead is receive-to-publish minus the model's time, measured inside a real
-`distdpo_completion` node fed over DDS (loopback only) with a model of fixed cost.
+same run. The node overhead is receive-to-publish minus the model's time (scans are sent one at a
+time, so none waits for an earlier one), measured inside a real `distdpo_completion` node fed over
+DDS (loopback only) with a model of fixed cost.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def bench_node(n: int, scans: int, output_points: int) -> dict[str, Any]:
         raise UserError(f'the node completed {summary["completed"]} of {scans} scans')
     return {'scans': summary['completed'], 'input_points': n, 'output_points': output_points,
             'overhead_ms': summary['overhead_ms'], 'latency_ms': summary['latency_ms'],
-            'model_ms': summary['model_ms']}
+            'model_ms': summary['model_ms'], 'queued_ms': summary['queued_ms']}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,8 +94,9 @@ def _print_summary(s: dict[str, Any]) -> None:
               f'p95 {lat["p95"]:.0f} ms, max {lat["max"]:.0f} ms')
     node = s.get('node', {})
     if 'overhead_ms' in node:
-        print(f'node: model median {node["model_ms"]["median"]:.0f} ms, overhead median '
-              f'{node["overhead_ms"]["median"]:.1f} ms, {node["dropped"]} dropped, '
+        print(f'node: model median {node["model_ms"]["median"]:.0f} ms, waiting for the model '
+              f'{node["queued_ms"]["median"]:.0f} ms, own overhead '
+              f'{node["overhead_ms"]["median"]:.1f} ms; {node["dropped"]} dropped, '
               f'{node["rejected"]} rejected, {node["failed"]} failed')
     if 'metrics' in s:
         m = s['metrics']
