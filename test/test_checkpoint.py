@@ -86,11 +86,14 @@ def save_lightning_style(path: Path, state_dict: dict[str, torch.Tensor], hparam
         _fake_module(mp, 'pytorch_lightning.callbacks')
         _fake_module(mp, 'pytorch_lightning.callbacks.model_checkpoint',
                      ModelCheckpoint=ModelCheckpoint)
-        weight = torch.nn.Parameter(torch.randn(4))
-        optimizer = torch.optim.Adam([weight], lr=1e-4)
-        weight.sum().backward()
-        optimizer.step()
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5)
+        # What Adam and ExponentialLR state_dict() hold (built by hand: a real optimizer step
+        # would import torch's compiler stack, seconds of test time).
+        adam = {'state': {0: {'step': torch.tensor(1.0), 'exp_avg': torch.randn(4),
+                              'exp_avg_sq': torch.rand(4)}},
+                'param_groups': [{'lr': 1e-4, 'betas': (0.9, 0.999), 'eps': 1e-8,
+                                  'weight_decay': 0, 'amsgrad': False, 'params': [0]}]}
+        scheduler = {'gamma': 0.5, 'base_lrs': [1e-4], 'last_epoch': 3, '_step_count': 4,
+                     '_last_lr': [1.25e-5]}
         data = {
             'epoch': 19, 'global_step': 191300, 'pytorch-lightning_version': '1.5.10',
             'state_dict': OrderedDict(state_dict),
@@ -98,8 +101,8 @@ def save_lightning_style(path: Path, state_dict: dict[str, torch.Tensor], hparam
                                             'best_model_path': 'epoch=19.ckpt',
                                             'last_score': np.float64(0.5),
                                             'monitors': {'val/cd_mean'}}},
-            'optimizer_states': [optimizer.state_dict()],
-            'lr_schedulers': [scheduler.state_dict()],
+            'optimizer_states': [adam],
+            'lr_schedulers': [scheduler],
             **(extra or {}),
         }
         if hparams is not None:
