@@ -131,7 +131,7 @@ def test_cli_separate_process_with_ground_truth_prints_json(dataset, tmp_path, c
     frames = [row['frame'] for row in summary['metrics_per_frame']]
     assert frames == list(range(FRAMES))
     for row in summary['metrics_per_frame']:
-        assert np.isfinite(row['cd']) and row['cd'] > 0 and 0 <= row['fscore'] <= 1
+        assert np.isfinite(row['cd']) and row['cd'] > 0 and 0 <= row['fscore'] <= 100  # %
         assert row['points_gt'] > 100
     assert len(read_bag(tmp_path / 'rec')[OUTPUT_TOPIC]) == FRAMES
     assert 'latency_ms' in summary and 'node' not in summary  # the node ran elsewhere

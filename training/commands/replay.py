@@ -101,6 +101,6 @@ def _print_summary(s: dict[str, Any]) -> None:
     if 'metrics' in s:
         m = s['metrics']
         print(f'ground truth ({m["frames"]} frames): CD {m["cd"]:.3f} m, JSD {m["jsd"]:.3f}, '
-              f'F-score {m["fscore"]:.3f}, EMD {m["emd"]:.3f}')
+              f'F-score {m["fscore"]:.1f} %, EMD {m["emd"]:.3f} m')
     if 'record' in s:
         print(f'recorded: {s["record"]}')
