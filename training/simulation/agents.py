@@ -190,7 +190,7 @@ def build_agents(rng: np.random.Generator, street: Street, ego_track: np.ndarray
         add(cyclist_parts(rng), s0 - rng.uniform(3.0, 6.5) * t, edge, True)
     for side, section in ((1, left), (-1, right)):
         lo, hi = section.sidewalk_span
-        for s0 in _spread(rng, length, rng.uniform(12, 45)):
+        for s0 in _spread(rng, length, rng.uniform(25, 80)):
             back = bool(rng.random() < 0.5)
             speed = rng.uniform(0.9, 1.7) * (-1 if back else 1)
             d = side * rng.uniform(lo + 0.35, max(hi - 0.35, lo + 0.4))

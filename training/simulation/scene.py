@@ -223,7 +223,7 @@ def _cross_sections(rng: np.random.Generator, urban: bool) -> tuple[CrossSection
     curb = rng.uniform(0.10, 0.16)
     sections = []
     for _ in range(2):
-        parking = rng.uniform(2.0, 2.4) if rng.random() < (0.7 if urban else 0.5) else 0.0
+        parking = rng.uniform(2.0, 2.4) if rng.random() < (0.55 if urban else 0.35) else 0.0
         if urban:
             sections.append(CrossSection(lanes, lane_width, parking, curb, 0.0,
                                          rng.uniform(2.5, 5.0), 0.6))
@@ -438,7 +438,7 @@ def _add_street_trees(lay: _Layout) -> None:
     rng, street = lay.rng, lay.street
     for side in (1, -1):
         sec = street.section(side)
-        if rng.random() > (0.7 if lay.urban else 0.9):
+        if rng.random() > (0.75 if lay.urban else 0.95):
             continue
         if sec.grass > 1.2:
             d = sec.road_edge + sec.grass / 2
@@ -460,8 +460,8 @@ def _add_street_trees(lay: _Layout) -> None:
 def _add_back_vegetation(lay: _Layout) -> None:
     """Yard, park and back-lot trees and bushes filling the space behind the street."""
     rng, street = lay.rng, lay.street
-    for count, reach, make in ((street.line.length / (10 if not lay.urban else 25), 75, 'tree'),
-                               (street.line.length / 5, 60, 'bush')):
+    for count, reach, make in ((street.line.length / (6 if not lay.urban else 14), 75, 'tree'),
+                               (street.line.length / 2.5, 60, 'bush')):
         for _ in range(int(count)):
             side = int(rng.choice([-1, 1]))
             d = street.section(side).width + rng.uniform(1.0, reach)
@@ -472,6 +472,28 @@ def _add_back_vegetation(lay: _Layout) -> None:
                 _tree(lay, xy, rng.uniform(0.8, 1.4))
             else:
                 _bush(lay, xy, rng.uniform(0.5, 1.8))
+
+
+def _add_verge_vegetation(lay: _Layout) -> None:
+    """Hedges and bush rows along the back of the sidewalks, where nothing else stands."""
+    rng, street = lay.rng, lay.street
+    for side in (1, -1):
+        sec = street.section(side)
+        share = rng.uniform(0.2, 0.5) if lay.urban else rng.uniform(0.4, 0.8)
+        s = rng.uniform(0, 10)
+        while s < street.line.length:
+            length = rng.uniform(3, 20)
+            if rng.random() < share and _off_junctions(street, s + length / 2, side, 3.0):
+                thick, height = rng.uniform(0.6, 1.4), rng.uniform(0.6, 2.2)
+                xy, heading = street.line.place(s + length / 2,
+                                                side * (sec.width - sec.verge + thick / 2 + 0.1))
+                yaw = float(heading[0])
+                if not lay.taken.overlaps(xy[0], (length / 2, thick / 2), yaw, 0.1):
+                    base = np.array([xy[0, 0], xy[0, 1], float(lay.ground(xy)[0]) - 0.1])
+                    lay.builder.box(base, (length, thick, height), yaw_matrix(yaw), M.VEGETATION,
+                                    M.FOLIAGE, rng.uniform(0.3, 0.5))
+                    lay.taken.add(xy[0], (length / 2, thick / 2), yaw)
+            s += length + rng.uniform(1, 12)
 
 
 def _add_poles_and_signs(lay: _Layout) -> None:
@@ -534,11 +556,11 @@ def _add_parked(lay: _Layout) -> None:
         while s < street.line.length:
             parts, length, width = vehicle_parts(rng, trucks=False)   # trucks do not fit
             mid = s + length / 2
-            if rng.random() < 0.8 and _off_junctions(street, mid, side, 4 + length / 2):
+            if rng.random() < 0.55 and _off_junctions(street, mid, side, 4 + length / 2):
                 d = sec.road_edge - width / 2 - rng.uniform(0.1, 0.35)      # against the curb
                 xy, heading = street.line.place(mid, side * d)
                 _place_parts(lay, parts, xy[0], float(heading[0]) + np.pi * (rng.random() < 0.5))
-            s += length + rng.uniform(0.6, 6.0)
+            s += length + rng.uniform(0.8, 9.0)
     for _ in range(int(street.line.length / 60)):
         side = int(rng.choice([-1, 1]))
         lo, hi = street.section(side).sidewalk_span
@@ -563,6 +585,7 @@ def build_world(rng: np.random.Generator, length: float, urban: bool) -> World:
     _add_poles_and_signs(lay)
     _add_street_trees(lay)
     _add_buildings(lay)
+    _add_verge_vegetation(lay)
     _add_back_vegetation(lay)
     _add_parked(lay)
     return World(urban, street, lay.builder.build(),
