@@ -100,27 +100,33 @@ def farthest_point_sample(points: np.ndarray, count: int, start: int = 0) -> np.
 def voxel_candidates(points: np.ndarray, target: int, minimum: int) -> np.ndarray:
     """Indices (ascending) of one point per voxel, the voxel size chosen for about `target` voxels.
 
-    Never fewer than `minimum` indices: if no voxel size gives that many, all indices are returned.
+    Clouds of at most 2 * target points are returned whole. The voxel size is searched on a
+    log-log secant of voxel count against size (a LiDAR scan is a 2.5-D surface, so the count
+    starts as size^-2); usually one or two passes land in [target, 2 * target]. Never fewer than
+    `minimum` indices: if no size tried gives that many, all indices are returned.
     """
     n = len(points)
-    if n <= target:
+    if n <= 2 * target:
         return np.arange(n)
     low = points.min(axis=0)
     extent = np.maximum(points.max(axis=0) - low, 1e-3)
-    # A LiDAR scan is a 2.5-D surface: occupied voxels scale with 1 / size^2.
-    size = float(math.sqrt(extent[0] * extent[1] / target)) * 0.5
-    best = None
-    for _ in range(8):
-        cells = np.floor((points - low) / size).astype(np.int64)
+    log_size = 0.5 * math.log(float(extent[0] * extent[1]) / target) - math.log(2.0)
+    slope, previous, best = -2.0, None, None
+    for _ in range(6):
+        cells = ((points - low) * math.exp(-log_size)).astype(np.int64)
         dims = cells.max(axis=0) + 1
         keys = (cells[:, 0] * dims[1] + cells[:, 1]) * dims[2] + cells[:, 2]
         _, first = np.unique(keys, return_index=True)
-        miss = abs(math.log(len(first) / target))
+        log_count = math.log(len(first))
+        miss = abs(log_count - math.log(1.5 * target))
         if len(first) >= minimum and (best is None or miss < best[0]):
             best = (miss, first)
         if target <= len(first) <= 2 * target:
             break
-        size *= float(np.clip(math.sqrt(len(first) / target), 0.5, 2.0))
+        if previous is not None and abs(log_size - previous[0]) > 1e-6:
+            slope = float(np.clip((log_count - previous[1]) / (log_size - previous[0]), -3, -0.3))
+        previous = (log_size, log_count)
+        log_size += (log_count - math.log(1.5 * target)) / -slope
     return np.arange(n) if best is None else np.sort(best[1])
 
 
