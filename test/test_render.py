@@ -61,9 +61,8 @@ def test_common_view_shares_limits_and_colour_range():
 def test_plot_versus_steps(tmp_path):
     rows = [{'model': m, 'steps': s, 'refine': False, 'cd': 1.0 / s + k, 'seconds_per_scan': s}
             for k, m in enumerate(('a', 'b')) for s in (1, 2, 8)]
-    out = render.plot_versus_steps(rows, tmp_path / 'q.png', [('cd', 'CD'), ('seconds_per_scan',
-                                                                              'time')],
-                                   width_px=900)
+    out = render.plot_versus_steps(rows, tmp_path / 'q.png',
+                                   [('cd', 'CD'), ('seconds_per_scan', 'time')], panel_px=450)
     assert _png_size(out)[0] == 900 and _ink(out) > 0.01
 
 

@@ -541,7 +541,7 @@ def write_plots(ev: Evaluation, rows: Sequence[dict[str, Any]]) -> list[Path]:
         quality.append((first_iou, f'IoU {ev.settings.voxel_sizes[0]:g} m [%] ↑'))
     return [plot_versus_steps(rows, ev.out / 'quality_vs_steps.png', quality),
             plot_versus_steps(rows, ev.out / 'time_vs_steps.png',
-                              [('seconds_per_scan', 'seconds per scan ↓')], width_px=800)]
+                              [('seconds_per_scan', 'seconds per scan ↓')], panel_px=640)]
 
 
 def render_scans(scans: Sequence[ScanRef], count: int) -> list[ScanRef]:

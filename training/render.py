@@ -111,7 +111,7 @@ def _style(ax: Any) -> None:
 def _bev(ax: Any, points: np.ndarray, view: View, norm: Any, cmap: Any, size: float) -> None:
     order = np.argsort(points[:, 2])  # high points drawn last, so walls and cars stay visible
     p = points[order]
-    ax.scatter(p[:, 0], p[:, 1], c=p[:, 2], s=size, cmap=cmap, norm=norm, marker='.',
+    ax.scatter(p[:, 0], p[:, 1], c=p[:, 2], s=size, cmap=cmap, norm=norm, marker='o',
                linewidths=0, rasterized=True)
     ax.set_xlim(-view.extent, view.extent)
     ax.set_ylim(-view.extent, view.extent)
@@ -126,7 +126,7 @@ def _perspective(ax: Any, points: np.ndarray, view: View, norm: Any, cmap: Any,
     image, depth, colours = image[order], depth[order], points[front][order, 2]
     reference = np.linalg.norm(view.target - view.eye)
     sizes = size * np.clip((reference / depth) ** 2, 0.15, 6.0)
-    ax.scatter(image[:, 0], image[:, 1], c=colours, s=sizes, cmap=cmap, norm=norm, marker='.',
+    ax.scatter(image[:, 0], image[:, 1], c=colours, s=sizes, cmap=cmap, norm=norm, marker='o',
                linewidths=0, rasterized=True)
     half_width = math.tan(math.radians(34.0))
     ax.set_xlim(-half_width, half_width)
@@ -158,16 +158,17 @@ def render_figure(panels: Sequence[Panel], out: str | os.PathLike, *, title: str
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, columns, height_ratios=[1.0, 0.68])
     norm = Normalize(view.z_low, view.z_high, clip=True)
-    base = 2.2 * (1600.0 / panel_px) ** -1  # marker area grows with the panel size
+    base = 2.2 * panel_px / 1600.0  # marker area grows with the panel size
     for col, (panel, cloud) in enumerate(zip(panels, clouds, strict=True)):
         drawn = _drawn(cloud, max_points, seed + col)
-        density = min(1.0, 25_000 / max(1, len(drawn)))  # fewer points -> larger dots
+        # sparse clouds get larger dots (area up to 5x) so that they stay visible
+        density = float(np.clip(math.sqrt(25_000 / max(1, len(drawn))), 1.0, 5.0))
         top = fig.add_subplot(grid[0, col])
         bottom = fig.add_subplot(grid[1, col])
         for ax in (top, bottom):
             _style(ax)
-        _bev(top, drawn, view, norm, COLORMAP, 0.8 * base * (1 + density))
-        _perspective(bottom, drawn, view, norm, COLORMAP, 0.5 * base * (1 + density), 1 / 0.68)
+        _bev(top, drawn, view, norm, COLORMAP, 0.6 * base * density)
+        _perspective(bottom, drawn, view, norm, COLORMAP, 0.5 * base * density, 1 / 0.68)
         heading = f'{panel.title}\n{len(cloud):,} points'
         if panel.detail:
             heading += f' · {panel.detail}'
@@ -196,38 +197,44 @@ def _mappable(norm: Any) -> Any:
 
 
 def plot_versus_steps(rows: Sequence[Mapping[str, Any]], out: str | os.PathLike,
-                      metrics: Sequence[tuple[str, str]], *, width_px: int = 1800,
+                      metrics: Sequence[tuple[str, str]], *, panel_px: int = 420,
                       dpi: int = 150) -> Path:
     """One subplot per (key, label) in ``metrics``: value against sampler steps, a line per model.
 
-    ``rows`` are evaluation summary rows with ``model``, ``steps``, ``refine`` and the keys.
+    ``rows`` are evaluation summary rows with ``model``, ``steps``, ``refine`` and the keys. The
+    legend sits below the subplots; each subplot is about ``panel_px`` pixels wide.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     series: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
-        name = row['model'] + (' + refine' if row.get('refine') else '')
+        name = row['model'] + (' (Refined)' if row.get('refine') else '')
         series.setdefault(name, []).append(row)
     count = len(metrics)
-    fig = Figure(figsize=(width_px / dpi, width_px / dpi / max(count, 1) * 1.05), dpi=dpi,
-                 layout='constrained')
+    legend_rows = math.ceil(len(series) / min(len(series), 2 * count)) if series else 0
+    fig = Figure(figsize=(count * panel_px / dpi, (panel_px * 0.85 + 28 * legend_rows) / dpi),
+                 dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, count, squeeze=False)[0]
+    steps = sorted({int(r['steps']) for r in rows})
     for ax, (key, label) in zip(axes, metrics, strict=True):
-        for name, points in series.items():
+        for index, (name, points) in enumerate(series.items()):
             points = sorted((r for r in points if _finite(r.get(key))), key=lambda r: r['steps'])
-            if points:
-                ax.plot([r['steps'] for r in points], [r[key] for r in points], marker='o',
-                        label=name)
+            refined = name.endswith('(Refined)')
+            ax.plot([r['steps'] for r in points], [r[key] for r in points],
+                    marker='s' if refined else 'o', linestyle='--' if refined else '-',
+                    color=f'C{index}', label=name, markersize=4)
         ax.set_xscale('log', base=2)
-        steps = sorted({int(r['steps']) for r in rows})
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.minorticks_off()
-        ax.set_xlabel('sampler steps')
-        ax.set_ylabel(label)
+        ax.set_xlabel('sampler steps (NFE)', fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if series:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc='outside lower center',
+                   ncols=min(len(series), 2 * count), fontsize=7, frameon=False)
     out = Path(out)
     with atomic_writer(out) as handle:
         fig.savefig(handle, format='png', dpi=dpi)
