@@ -39,6 +39,7 @@ import numpy
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 from distdpo_ros import __version__
 from distdpo_ros.config import ModelConfig, preset
@@ -319,18 +320,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = 'cpu') -> M
         raise UserError(f'{resolve_model(path)}: holds only refinement weights; import them '
                         'together with a diffusion checkpoint: distdpo import-ckpt DIFF.ckpt '
                         'OUT_DIR --refine REFINE.ckpt')
-    diffusion = DiffusionNet(config)
-    diffusion.load_state_dict(
-        {k: v for k, v in tensors.items() if not k.startswith(REFINE_PREFIX)}, strict=True)
-    diffusion.to(device).eval()
+    diffusion = _adopt_weights(DiffusionNet, config, {
+        k: v for k, v in tensors.items() if not k.startswith(REFINE_PREFIX)}).to(device).eval()
     refine = None
     if config.has_refine:
-        refine = RefineNet(config)
-        refine.load_state_dict({'model.' + k.removeprefix(REFINE_PREFIX): v
-                                for k, v in tensors.items() if k.startswith(REFINE_PREFIX)},
-                               strict=True)
-        refine.to(device).eval()
+        refine = _adopt_weights(RefineNet, config, {
+            'model.' + k.removeprefix(REFINE_PREFIX): v
+            for k, v in tensors.items() if k.startswith(REFINE_PREFIX)}).to(device).eval()
     return ModelBundle(config=config, diffusion=diffusion, refine=refine)
+
+
+def _adopt_weights(factory: Callable[[ModelConfig], nn.Module], config: ModelConfig,
+                   state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build a net on the meta device (no initialisation work) and adopt the checkpoint tensors,
+    cast to the dtypes the net declares, as its parameters and buffers (strict)."""
+    with torch.device('meta'):
+        net = factory(config)
+    declared = net.state_dict()
+    net.load_state_dict({k: v.to(declared[k].dtype) if k in declared else v
+                         for k, v in state.items()}, strict=True, assign=True)
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_meta:  # a tensor the net does not save: it would have no value
+            raise RuntimeError(f'{type(net).__name__}.{name} is not part of its state_dict')
+    return net
 
 
 def save_model(out_dir: str | os.PathLike, bundle: ModelBundle, *,

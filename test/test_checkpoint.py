@@ -280,6 +280,37 @@ def test_load_model_builds_networks_in_eval_mode(tmp_path, tiny):
     assert_same_tensors(ckpt.load_checkpoint(tmp_path / 'again')[1], tensors)
 
 
+@pytest.fixture
+def one_thread():
+    """Run tiny networks on one thread: on a loaded 2-core machine, OpenMP workers waiting for
+    each other made a 0.1 s forward take 30 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_saved_and_loaded_network_computes_the_same(tmp_path, one_thread):
+    from distdpo_ros.models import DiffusionNet
+
+    config = preset('tiny', 'student')
+    torch.manual_seed(0)
+    net = DiffusionNet(config)
+    for buffer in net.buffers():  # non-trivial BatchNorm statistics
+        if buffer.is_floating_point():
+            buffer.uniform_(0.5, 1.5)
+    net.eval()
+    ckpt.save_model(tmp_path / 'm', ckpt.ModelBundle(config, net))
+    loaded = ckpt.load_model(tmp_path / 'm').diffusion
+    assert all(p.requires_grad for p in loaded.parameters())  # trainable as loaded
+    scan = torch.randn(1, 64, 3) * 4
+    x_t = scan.repeat(1, 4, 1) + torch.randn(1, 256, 3)
+    with torch.no_grad():
+        want = net(x_t, torch.tensor([500]), net.encode(scan))
+        got = loaded(x_t, torch.tensor([500]), loaded.encode(scan))
+    assert got.shape == (1, 256, 3) and torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Lightning import
 # ---------------------------------------------------------------------------------------------
