@@ -71,9 +71,11 @@ def _fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:
 def save_lightning_style(path: Path, state_dict: dict[str, torch.Tensor], hparams=None,
                          extra: dict | None = None) -> Path:
     """Write what Lightning 1.x writes: a torch.save'd dict whose pickle names Lightning classes
-    (AttributeDict hyper-parameters, a callback class as dict key). Lightning is faked while
-    saving only; afterwards none of its modules exist."""
+    (AttributeDict hyper-parameters, a callback class as dict key) and whose tensors are tagged
+    as saved from 'cuda:0' like the published ones. Lightning is faked while saving only;
+    afterwards none of its modules exist."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
         class AttributeDict(dict):
             pass
 
