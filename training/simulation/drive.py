@@ -29,7 +29,7 @@ from distdpo_ros.errors import UserError
 from distdpo_training.kitti import Frame, KittiWriter
 from distdpo_training.simulation.agents import Agents, build_agents
 from distdpo_training.simulation.mesh import Mesh
-from distdpo_training.simulation.scene import World, build_world
+from distdpo_training.simulation.scene import Street, World, build_world, plan_street
 from distdpo_training.simulation.sensor import HDL64E, MAX_RANGE, SCAN_PERIOD, SENSOR_HEIGHT
 
 # Velodyne -> camera 0 of KITTI odometry sequence 00 (calib.txt `Tr`), so that simulated
@@ -54,11 +54,11 @@ class EgoTrack:
     speed: np.ndarray
 
 
-def ego_track(rng: np.random.Generator, world: World, frames: int) -> EgoTrack:
+def ego_track(rng: np.random.Generator, street: Street, urban: bool, frames: int) -> EgoTrack:
     """Drive the street: cruise targets changing every 4-12 s, curve speed limits with a look-
     ahead, gentle acceleration limits, and an occasional stop of a few seconds."""
-    line = world.street.line
-    cruise = (5.0, 11.0) if world.urban else (7.0, MAX_SPEED)
+    line = street.line
+    cruise = (5.0, 11.0) if urban else (7.0, MAX_SPEED)
     s, v = START_S, rng.uniform(*cruise)
     target, until = v, 0.0
     out_s, out_v = np.empty(frames), np.empty(frames)
@@ -78,10 +78,9 @@ def ego_track(rng: np.random.Generator, world: World, frames: int) -> EgoTrack:
     return EgoTrack(out_s, out_v)
 
 
-def sensor_pose(world: World, s: float, lateral: float) -> np.ndarray:
+def sensor_pose(street: Street, s: float, lateral: float) -> np.ndarray:
     """4x4 sensor-to-world pose of the LiDAR 1.73 m above the lane at arc length `s`, its axes
     following the road (x forward along the lane, z along the road's normal)."""
-    street = world.street
     xy, heading = street.line.place(s, lateral)
     ground = float(street.ground(xy)[0])
     grad = street.elevation.gradient(xy)[0]
@@ -168,12 +167,13 @@ def make_sequence(seed: int, index: int, frames: int, urban: bool | None = None,
     urban = bool(rng.random() < 0.5) if urban is None else urban
     timings = {}
     tic = time.perf_counter()
-    length = START_S + frames * SCAN_PERIOD * MAX_SPEED + END_MARGIN
-    world = build_world(rng, length, urban)
-    ego = ego_track(rng, world, frames)
-    agents = build_agents(rng, world.street, ego.s, ego.speed, world.ego_lane, SCAN_PERIOD,
+    # Plan a street long enough at top speed, drive it, then build only what the drive sees.
+    street = plan_street(rng, START_S + frames * SCAN_PERIOD * MAX_SPEED + END_MARGIN, urban)
+    ego = ego_track(rng, street, urban, frames)
+    world = build_world(rng, street, urban, length=ego.s[-1] + END_MARGIN)
+    agents = build_agents(rng, street, ego.s, ego.speed, street.ego_lane, SCAN_PERIOD,
                           world.instances)
-    poses = np.stack([sensor_pose(world, s, world.ego_lane) for s in ego.s])
+    poses = np.stack([sensor_pose(street, s, street.ego_lane) for s in ego.s])
     timings['world'] = time.perf_counter() - tic
     tic = time.perf_counter()
     kwargs = {} if n_azimuth is None else {'n_azimuth': n_azimuth}

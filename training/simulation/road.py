@@ -82,6 +82,11 @@ class Centerline:
         """Distance of points (N, 2) to the centre line (nearest sample; error < 1 cm)."""
         return self._tree.query(np.asarray(xy, np.float64).reshape(-1, 2))[0]
 
+    def truncated(self, length: float) -> Centerline:
+        """The first `length` m of this centre line."""
+        n = int(np.searchsorted(self.s, length, side='right'))
+        return Centerline(self.s[:n], self.xy[:n], self.heading[:n], self.curvature[:n])
+
     def curvature_at(self, s: np.ndarray | float) -> np.ndarray:
         return np.interp(np.atleast_1d(s), self.s, self.curvature)
 

@@ -70,6 +70,11 @@ class Street:
     def section(self, side: int) -> CrossSection:
         return self.left if side > 0 else self.right
 
+    @property
+    def ego_lane(self) -> float:
+        """Lateral offset of the ego lane centre (the outermost right lane)."""
+        return -(self.right.lanes - 0.5) * self.right.lane_width
+
     def offset(self, xy: np.ndarray) -> np.ndarray:
         """Signed lateral offset (left positive) of points from the main centre line."""
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
@@ -82,10 +87,11 @@ class Street:
     def _widths(self, d: np.ndarray) -> np.ndarray:
         return np.where(d > 0, self.left.width, self.right.width)
 
-    def terrain_height(self, xy: np.ndarray) -> np.ndarray:
-        """Terrain outside the ribbons: the verge level near the street, rolling hills beyond."""
+    def terrain_height(self, xy: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
+        """Terrain outside the ribbons: the verge level near the street, rolling hills beyond
+        (`d`: the points' lateral offsets when already known)."""
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
-        d = self.offset(xy)
+        d = self.offset(xy) if d is None else d
         level = np.where(d > 0, self.left.surface(self.left.width, CROWN),
                          self.right.surface(self.right.width, CROWN))
         t = np.clip((np.abs(d) - self._widths(d)) / 25.0, 0.0, 1.0)
@@ -96,7 +102,7 @@ class Street:
         """Surface height anywhere: the cross-section inside the main street, terrain outside."""
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
         d = self.offset(xy)
-        z = self.terrain_height(xy)
+        z = self.terrain_height(xy, d)
         inside = np.abs(d) < self._widths(d)
         profile = np.where(d > 0, self.left.surface(d, CROWN), self.right.surface(d, CROWN))
         z[inside] = self.elevation.height(xy[inside]) + profile[inside]
@@ -108,12 +114,22 @@ class Street:
         d = self.offset(xy)
         if (np.abs(d) < self._widths(d) + margin).any():
             return False
-        for st in self.side_streets:
-            u, v = st.local(xy)
-            if ((u > -margin) & (u < st.line.length + margin)
-                    & (np.abs(v) < st.half_width + margin)).any():
-                return False
-        return True
+        return not self.on_side_street(xy, margin).any()
+
+    def on_side_street(self, xy: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Per point: whether it lies on a side street's ribbon (grown by `margin`)."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        if not self.side_streets:
+            return np.zeros(len(xy), bool)
+        origin = np.array([st.line.xy[0] for st in self.side_streets])
+        heading = np.array([st.line.heading[0] for st in self.side_streets])
+        length = np.array([st.line.length for st in self.side_streets])
+        half = np.array([st.half_width for st in self.side_streets])
+        rel = xy[:, None, :] - origin[None]
+        c, s = np.cos(heading), np.sin(heading)
+        u = rel[..., 0] * c + rel[..., 1] * s
+        v = rel[..., 1] * c - rel[..., 0] * s
+        return ((u > -margin) & (u < length + margin) & (np.abs(v) < half + margin)).any(1)
 
 
 @dataclasses.dataclass
@@ -129,8 +145,7 @@ class World:
 
     @property
     def ego_lane(self) -> float:
-        """Lateral offset of the ego lane centre (the outermost right lane)."""
-        return -(self.street.right.lanes - 0.5) * self.street.right.lane_width
+        return self.street.ego_lane
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,11 +588,19 @@ def _add_parked(lay: _Layout) -> None:
             _place_parts(lay, bicycle_parts(rng), xy[0], float(heading[0]))
 
 
-def build_world(rng: np.random.Generator, length: float, urban: bool) -> World:
-    """Build the static world along a street of `length` m (urban blocks or suburban houses)."""
+def plan_street(rng: np.random.Generator, length: float, urban: bool) -> Street:
+    """The main street of `length` m: centre line, cross-sections and ground elevation."""
     left, right = _cross_sections(rng, urban)
-    street = Street(random_centerline(rng, length, urban), Elevation.random(rng),
-                    Elevation.random(rng, max_grade=0.08), left, right)
+    return Street(random_centerline(rng, length, urban), Elevation.random(rng),
+                  Elevation.random(rng, max_grade=0.08), left, right)
+
+
+def build_world(rng: np.random.Generator, street: Street, urban: bool,
+                length: float | None = None) -> World:
+    """Build the static world along `street` (cut to its first `length` m when given): side
+    streets, terrain, urban blocks or suburban houses, vegetation, street furniture, parking."""
+    if length is not None:
+        street.line = street.line.truncated(length)
     street.side_streets = _side_streets(rng, street, urban)
     lay = _Layout(urban, rng, street)
     _add_streets(lay)

@@ -230,9 +230,10 @@ class HDL64E:
             f = facade[self._in_window(t[facade], rays[rows, 3:], normal[rows], origin,
                                        owner[facade])]
             v = rng.random((2, len(f)), dtype=np.float32)
-            keep[f] &= v[0] >= 0.15
-            t[f] += 0.05 - 0.4 * np.log1p(-0.99 * v[1])           # into the room, mostly near
-            rho[f] = 0.08
+            keep[f] &= v[0] >= 0.15                                # 15 % lost
+            inside = f[v[0] >= 0.6]                                # 40 % from inside the room
+            t[inside] += 0.1 - 0.6 * np.log1p(-0.99 * v[1, v[0] >= 0.6])
+            rho[f] = 0.08                                          # the rest: off the glass
         # Foliage and glass: pulses end somewhere inside the crown or the car.
         depth = M.MAT_DEPTH[mat]
         porous = np.flatnonzero(depth)
