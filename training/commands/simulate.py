@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='random seed; the same seed gives the same data (default: '
                              '%(default)s)')
     parser.add_argument('--first', type=int, default=0,
-                        help='number of the first sequence folder, e.g. 8 writes 08, 09, ... '
+                        help='number of the first sequence folder, e.g. 8 writes 08, 09, ...; '
+                             'sequence SS of a seed is the same drive whatever --first '
                              '(default: %(default)s)')
     parser.add_argument('--bag', action='store_true',
                         help='also write each sequence as a rosbag2 (MCAP) in OUT/bags/SS: '

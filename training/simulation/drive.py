@@ -157,12 +157,18 @@ class Sequence:
                 yield frame
 
 
+def _check_sizes(frames: int, seed: int) -> None:
+    if frames < 1:
+        raise UserError(f'--frames must be at least 1, got {frames}')
+    if seed < 0:
+        raise UserError(f'--seed must be >= 0, got {seed}')
+
+
 def make_sequence(seed: int, index: int, frames: int, urban: bool | None = None,
                   n_azimuth: int | None = None) -> Sequence:
     """Build world, ego track, traffic and sensor of sequence `index` (style from the seed
     unless `urban` is given)."""
-    if frames < 1:
-        raise UserError(f'--frames must be at least 1, got {frames}')
+    _check_sizes(frames, seed)
     rng = np.random.default_rng([seed, index, 0])
     urban = bool(rng.random() < 0.5) if urban is None else urban
     timings = {}
@@ -215,6 +221,7 @@ def simulate_dataset(out: str | os.PathLike, sequences: int = 1, frames: int = 5
     with `bag` also OUT/bags/SS (rosbag2, MCAP). Returns the sequence folders."""
     from tqdm import tqdm
 
+    _check_sizes(frames, seed)
     if sequences < 1:
         raise UserError(f'--sequences must be at least 1, got {sequences}')
     if first < 0 or first + sequences > 100:

@@ -284,7 +284,7 @@ def _add_streets(lay: _Layout) -> None:
 
 
 def _add_terrain(lay: _Layout) -> None:
-    """A regular grid around the streets; under the ribbons it is sunk out of sight."""
+    """A regular grid around the streets; under the ribbons it is sunk out of sight or cut."""
     street = lay.street
     lo = street.line.xy.min(0) - TERRAIN_REACH
     hi = street.line.xy.max(0) + TERRAIN_REACH
@@ -306,7 +306,8 @@ def _add_terrain(lay: _Layout) -> None:
     i, j = np.meshgrid(np.arange(len(gx) - 1), np.arange(ny - 1), indexing='ij')
     a = (i * ny + j).ravel()
     quads = np.stack([a, a + ny, a + ny + 1, a + 1], 1)
-    quads = quads[np.isfinite(z[quads]).all(1)]
+    # Cells entirely under a ribbon are dropped; border cells stay, sunk where covered.
+    quads = quads[np.isfinite(z[quads]).all(1) & ~under[quads].all(1)]
     faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
     verts = np.column_stack([xy, np.nan_to_num(z, nan=-100.0)])
     n = len(faces)
