@@ -16,7 +16,9 @@ os.environ.setdefault('ROS_DOMAIN_ID', str(10 + os.getpid() % 90))
 os.environ['ROS_HOME'] = _ROS_TMP
 os.environ['ROS_LOG_DIR'] = os.path.join(_ROS_TMP, 'log')
 os.environ.setdefault('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
-os.environ.setdefault('OMP_NUM_THREADS', '2')
+# Tests use tiny inputs: one thread each is fastest, and OpenMP threads spinning against other
+# processes made a tiny forward pass 100x slower on a loaded 2-core machine (measured).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
@@ -43,3 +45,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return save_model(tmp_path_factory.mktemp('models') / 'tiny-student',
                       ModelBundle(config=config, diffusion=DiffusionNet(config)))
+
+
+@pytest.fixture(scope='session')
+def sim_dataset(tmp_path_factory) -> Path:
+    """Two simulated drives of 6 scans (sequences 00 and 01) with their ground-truth maps."""
+    simulation = pytest.importorskip('distdpo_training.simulation.drive')
+    from distdpo_ros.cli import main as distdpo
+
+    root = tmp_path_factory.mktemp('sim')
+    simulation.simulate_dataset(root, sequences=2, frames=6, seed=0, progress=False)
+    assert distdpo(['build-maps', str(root)]) == 0
+    return root
