@@ -15,10 +15,14 @@ def bench_simulate(workdir: str | os.PathLike, frames: int = 100, seed: int = 0,
                    sequences: int = 2) -> dict:
     """Simulate `sequences` drives of `frames` scans into `workdir` (as `distdpo simulate`
     does, SemanticKITTI files included) and report scans per second end to end, per scan once
-    the world exists, and the milliseconds per scan of each stage."""
+    the world exists, the CPU time per scan (all threads; it does not depend on how busy the
+    machine is the way wall time does), and the milliseconds per scan of each stage. Stage times
+    are wall times summed over the two render threads, which overlap."""
     stages: dict[str, float] = {}
     points = []
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     total_start = time.perf_counter()
+    cpu_start = time.process_time()
     for index in range(sequences):
         seq = make_sequence(seed, index, frames)
         folder = Path(workdir) / 'bench-simulate' / 'sequences' / f'{index:02d}'
@@ -27,6 +31,7 @@ def bench_simulate(workdir: str | os.PathLike, frames: int = 100, seed: int = 0,
         for stage, seconds in {**seq.timings, **seq.sensor.timings}.items():
             stages[stage] = stages.get(stage, 0.0) + seconds
     total = time.perf_counter() - total_start
+    cpu = time.process_time() - cpu_start
     scans = sequences * frames
     setup = stages['world'] + stages['static_scene']
     per_scan = (total - setup) / scans
@@ -34,6 +39,7 @@ def bench_simulate(workdir: str | os.PathLike, frames: int = 100, seed: int = 0,
         'sequences': sequences, 'frames': frames, 'seed': seed,
         'cpu_threads': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
         else os.cpu_count(),
+        'load_average_at_start': None if load is None else round(load, 2),
         'points_per_scan': round(float(np.mean(points))),
         'scans_per_s': round(scans / total, 2),
         'scans_per_s_after_world_build': round(1.0 / per_scan, 2),
@@ -43,4 +49,5 @@ def bench_simulate(workdir: str | os.PathLike, frames: int = 100, seed: int = 0,
             stage: round(stages[stage] / scans * 1000, 2)
             for stage in ('agents', 'cast_static', 'cast_agents', 'returns', 'write')},
         'ms_per_scan_total': round(per_scan * 1000, 2),
+        'cpu_ms_per_scan_all_included': round(cpu / scans * 1000, 2),
     }
