@@ -49,12 +49,6 @@ class SideStreet:
     def half_width(self) -> float:
         return self.section.width
 
-    def local(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Coordinates (along, across) of points in this street's frame."""
-        h = float(self.line.heading[0])
-        rel = np.asarray(xy, np.float64).reshape(-1, 2) - self.line.xy[0]
-        return rel @ np.array([np.cos(h), np.sin(h)]), rel @ np.array([-np.sin(h), np.cos(h)])
-
 
 @dataclasses.dataclass
 class Street:
@@ -78,7 +72,7 @@ class Street:
     def offset(self, xy: np.ndarray) -> np.ndarray:
         """Signed lateral offset (left positive) of points from the main centre line."""
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
-        dist, idx = self.line._tree.query(xy)
+        dist, idx = self.line.nearest(xy)
         h = self.line.heading[idx]
         rel = xy - self.line.xy[idx]
         side = np.cos(h) * rel[:, 1] - np.sin(h) * rel[:, 0]
@@ -116,20 +110,25 @@ class Street:
             return False
         return not self.on_side_street(xy, margin).any()
 
-    def on_side_street(self, xy: np.ndarray, margin: float = 0.0) -> np.ndarray:
-        """Per point: whether it lies on a side street's ribbon (grown by `margin`)."""
+    def on_side_street(self, xy: np.ndarray, margin: float = 0.0,
+                       from_centre: bool = False) -> np.ndarray:
+        """Per point: whether it lies on a side street's ribbon (grown by `margin`); with
+        `from_centre` the side streets reach back to the main street's centre line."""
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
         if not self.side_streets:
             return np.zeros(len(xy), bool)
-        origin = np.array([st.line.xy[0] for st in self.side_streets])
-        heading = np.array([st.line.heading[0] for st in self.side_streets])
-        length = np.array([st.line.length for st in self.side_streets])
-        half = np.array([st.half_width for st in self.side_streets])
+        streets = self.side_streets
+        origin = np.array([st.line.xy[0] for st in streets])
+        heading = np.array([st.line.heading[0] for st in streets])
+        length = np.array([st.line.length for st in streets])
+        half = np.array([st.half_width for st in streets])
+        start = np.array([self.section(st.side).width if from_centre else 0.0 for st in streets])
         rel = xy[:, None, :] - origin[None]
         c, s = np.cos(heading), np.sin(heading)
         u = rel[..., 0] * c + rel[..., 1] * s
         v = rel[..., 1] * c - rel[..., 0] * s
-        return ((u > -margin) & (u < length + margin) & (np.abs(v) < half + margin)).any(1)
+        return ((u > -start - margin) & (u < length + margin)
+                & (np.abs(v) < half + margin)).any(1)
 
 
 @dataclasses.dataclass
@@ -297,10 +296,7 @@ def _add_terrain(lay: _Layout) -> None:
     near = np.abs(d) < TERRAIN_REACH + 2 * TERRAIN_CELL
     z[near] = street.terrain_height(xy[near])
     under = near & (np.abs(d) < street._widths(d))
-    for st in street.side_streets:
-        u, v = st.local(xy)
-        under |= (u > -street.section(st.side).width) & (u < st.line.length) & (
-            np.abs(v) < st.half_width)
+    under[near] |= street.on_side_street(xy[near], from_centre=True)
     z[under] = street.elevation.height(xy[under]) - 0.6
     ny = len(gy)
     i, j = np.meshgrid(np.arange(len(gx) - 1), np.arange(ny - 1), indexing='ij')
@@ -323,7 +319,7 @@ def _frontages(street: Street) -> list[tuple[Centerline, int, float, float, floa
     """Lines along which buildings stand: (line, side, frontage distance, s from, s to)."""
     out = [(street.line, side, street.section(side).width, 0.0, street.line.length)
            for side in (1, -1)]
-    for st in street.side_streets:
+    for st in street.side_streets:       # from a little past the corner
         start = street.section(st.side).width + 1.0
         out += [(st.line, side, st.half_width, start, st.line.length) for side in (1, -1)]
     return out
