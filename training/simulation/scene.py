@@ -350,23 +350,26 @@ def _building(lay: _Layout, center: np.ndarray, yaw: float, length: float, depth
     lay.taken.add(center, half, yaw)
 
 
+# Setback of the building rows from the frontage line (m): the street front, then rows behind.
+SETBACKS = {True: ((0.0, 1.5), (22, 34), (45, 60)), False: ((4.0, 12.0), (26, 40), (50, 65))}
+
+
 def _add_buildings(lay: _Layout) -> None:
+    """Rows of buildings along every frontage: closed urban blocks (7-24 m high, small gaps) or
+    detached suburban houses (gable roofs, front yards), two more rows behind."""
     rng = lay.rng
     for line, side, front, s_from, s_to in _frontages(lay.street):
-        for row in (0, 1, 2):
+        for row, setbacks in enumerate(SETBACKS[lay.urban]):
             s = s_from + rng.uniform(0, 8)
             while s < s_to:
+                setback = rng.uniform(*setbacks)
                 if lay.urban:
                     length, depth = rng.uniform(10, 30), rng.uniform(10, 16)
                     height = rng.uniform(7, 24)
-                    setback = (rng.uniform(0.0, 1.5), rng.uniform(22, 34),
-                               rng.uniform(45, 60))[row]
                     gap = rng.uniform(0.3, 2.0) if rng.random() < 0.7 else rng.uniform(5, 14)
                 else:
                     length, depth = rng.uniform(8, 15), rng.uniform(8, 12)
                     height = rng.uniform(3.0, 6.5)
-                    setback = (rng.uniform(4.0, 12.0), rng.uniform(26, 40),
-                               rng.uniform(50, 65))[row]
                     gap = rng.uniform(5.0, 16.0)
                 mid = s + length / 2
                 if mid > s_to:
@@ -509,6 +512,8 @@ def _add_verge_vegetation(lay: _Layout) -> None:
 
 
 def _add_poles_and_signs(lay: _Layout) -> None:
+    """Street lights with an arm over the road every 25-40 m near the curb, and traffic signs
+    (pole and plate facing the traffic) before side streets and here and there."""
     rng, b, street = lay.rng, lay.builder, lay.street
     for side in (1, -1):
         sec = street.section(side)
@@ -577,12 +582,17 @@ def _add_parked(lay: _Layout) -> None:
         side = int(rng.choice([-1, 1]))
         lo, hi = street.section(side).sidewalk_span
         s = rng.uniform(0, street.line.length)
-        xy, heading = street.line.place(s, side * rng.uniform(lo + 0.4, hi - 0.3))
-        if rng.random() < 0.6:
+        standing = rng.random() < 0.6       # else a bicycle at the back of the sidewalk
+        d = rng.uniform(lo + 0.4, hi - 0.3) if standing else hi - 0.4
+        xy, heading = street.line.place(s, side * d)
+        half = (0.3, 0.3) if standing else (0.9, 0.3)
+        if lay.taken.overlaps(xy[0], half, float(heading[0]), 0.2):
+            continue
+        if standing:
             _place_parts(lay, person_parts(rng), xy[0], rng.uniform(0, 2 * np.pi))
-        else:   # a bicycle leaning at the back of the sidewalk
-            xy, heading = street.line.place(s, side * (hi - 0.4))
+        else:
             _place_parts(lay, bicycle_parts(rng), xy[0], float(heading[0]))
+        lay.taken.add(xy[0], half, float(heading[0]))
 
 
 def plan_street(rng: np.random.Generator, length: float, urban: bool) -> Street:
