@@ -290,13 +290,11 @@ class Completer:
             clock.restart()
             completed = postprocess(raw[0], initial_cloud(scan, config.replication)[0],
                                     config.max_range)
-            if not refine:
-                completed = completed.float().cpu().numpy()
             clock.lap('postprocess')
             if refine:
-                completed = refine_points(self.bundle.refine, completed).float().cpu().numpy()
+                completed = refine_points(self.bundle.refine, completed)
                 clock.lap('refine')
-        return completed
+            return completed.float().cpu().numpy()
 
 
 class _StageClock:

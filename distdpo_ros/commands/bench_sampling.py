@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     fixed: list[float] = []
     stage_samples: dict[str, list[float]] = {}
     runs = tqdm(total=len(settings) * args.repeats, desc='bench sampling', unit='run',
-                file=sys.stderr, disable=None)
+                file=sys.stderr)
     for name, steps, switches in settings:
         totals = []
         for _ in range(args.repeats):
