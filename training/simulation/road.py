@@ -11,6 +11,7 @@ curb opened where a side street joins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -134,7 +135,7 @@ def straight_line(start: np.ndarray, heading: float, length: float) -> Centerlin
                       np.zeros(len(s)))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CrossSection:
     """One side of the road, from the centre outwards (all widths in m)."""
 
@@ -161,15 +162,10 @@ class CrossSection:
 
     def surface(self, d: np.ndarray, crown: float) -> np.ndarray:
         """Height of the ground surface at lateral distances |d| (relative to the centre line)."""
-        strips = self.strips(crown)
+        xp, fp = _beyond_curb(self, crown)
         d_abs = np.abs(np.asarray(d, np.float64))
-        xp = np.array([p[0] for p in strips])
-        fp = np.array([p[1] for p in strips])
-        # The curb is a vertical step: the kerb top belongs to points beyond the road edge.
         edge = self.road_edge
-        return np.where(d_abs > edge, np.interp(d_abs, xp[xp > edge - 1e-9][1:],
-                                                fp[xp > edge - 1e-9][1:]),
-                        -crown * np.minimum(d_abs, edge))
+        return np.where(d_abs > edge, np.interp(d_abs, xp, fp), -crown * np.minimum(d_abs, edge))
 
     def strips(self, crown: float) -> list[tuple[float, float, int, int, float, int]]:
         """Breakpoints (d, dz, label, material, rho, dash) outward; the strip from a breakpoint to
@@ -203,6 +199,17 @@ class CrossSection:
         d += self.verge
         out.append((d, top + 0.01 * (d - edge), M.TERRAIN, M.GRASS, 0.0, 0))
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _beyond_curb(section: CrossSection, crown: float) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (d, height) of a cross-section from the kerb top outwards (the curb is a
+    vertical step: its top belongs to the points beyond the road edge)."""
+    strips = section.strips(crown)
+    xp = np.array([p[0] for p in strips])
+    fp = np.array([p[1] for p in strips])
+    beyond = xp > section.road_edge - 1e-9
+    return xp[beyond][1:], fp[beyond][1:]
 
 
 def add_ribbon(builder: MeshBuilder, line: Centerline, elevation: Elevation,
