@@ -27,11 +27,13 @@ anything ``np.asarray`` accepts, or torch tensors; columns beyond xyz are ignore
   each, drawn by systematic sampling along a Morton (Z-order) curve with a seeded random offset:
   every point has the same inclusion probability and the sample covers space much more evenly
   than a random one. EMD between finite samples of surfaces is dominated by the sampling
-  resolution, so values are comparable only at the same ``points``. Measured (scene-like clouds
-  of 6,000 points, 5 cm noise, 10 % of the points displaced by 1 m; exact W1 of the full clouds
-  0.864 m): Morton samples of 2,048 points give 1.006 m (+16 %, std over seeds 0.7 %), 1,024
-  points 1.229 m (+42 %); random samples of 2,048 points give 1.375 m (+59 %, std 6 %).
-  ``distdpo bench metrics`` re-measures this error. The released Sinkhorn EMD (epsilon = 1 mm on
+  resolution, so values are comparable only at the same ``points``. Measured (``distdpo bench
+  metrics``: synthetic street clouds of 6,000 points, prediction with 5 cm noise and 10 %
+  outliers; exact W1 of the full clouds 2.219 m): Morton samples of 2,048 points give 2.421 m
+  (+9.1 %, std over seeds 0.3 %), 1,024 points 2.720 m (+22.6 %). An earlier check on a plainer
+  scene (exact 0.864 m) gave +16 % at 2,048 points with Morton samples and +59 % with random
+  samples (std 6 %), which is why the samples follow a space-filling curve. The released
+  Sinkhorn EMD (epsilon = 1 mm on
   0.5 m voxels) is numerically degenerate and skips scans with >130k voxels (reference §5); it is
   not reproduced.
 

@@ -279,17 +279,17 @@ class _Models:
         return self.loaded[path]
 
 
-def _complete(completer: Any, scan: np.ndarray, run: Run, settings: Settings, seed: int
-              ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+def _complete(completer: Any, scan: np.ndarray, steps: int, refine: bool, guidance: float | None,
+              seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
     """(raw completion, refined completion or None, seconds raw, seconds refine)."""
     import torch
 
     from distdpo_ros.completion import refine_points
 
     started = time.perf_counter()
-    raw = completer.complete(scan, steps=run.steps, guidance=settings.guidance, seed=seed)
+    raw = completer.complete(scan, steps=steps, guidance=guidance, seed=seed)
     raw_seconds = time.perf_counter() - started
-    if not run.refine:
+    if not refine:
         return raw, None, raw_seconds, 0.0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -367,13 +367,12 @@ def _evaluate_pair(ev: Evaluation, cache: ScanCache, completer: Any, run: Run, s
                    points: np.ndarray, gt: np.ndarray, seed: int, rows: Sequence[Run],
                    keep_prediction: bool) -> None:
     """Complete once for (model, steps); score and cache the raw and/or refined rows."""
-    want_refined = any(r.refine for r in rows)
-    probe = Run(run.model, run.path, run.digest, run.steps, want_refined)
     base = {'scan': scan.key, 'sequence': scan.sequence, 'frame': scan.frame,
             'points_input': int(len(points)), 'seed': seed}
     try:
-        raw, refined, raw_seconds, refine_seconds = _complete(completer, points, probe,
-                                                              ev.settings, seed)
+        raw, refined, raw_seconds, refine_seconds = _complete(
+            completer, points, run.steps, any(r.refine for r in rows), ev.settings.guidance,
+            seed)
     except UserError as exc:  # a scan the model cannot take (too few valid points)
         for row in rows:
             cache.store(row, scan, {**base, 'failed': str(exc)})
@@ -611,7 +610,9 @@ def run_evaluation(ev: Evaluation, rank: int = 0, world_size: int = 1,
     """Evaluate this rank's shard, wait for all ranks, and (rank 0) write the outputs."""
     runs = make_runs(ev.models, ev.refine)
     label = 'evaluate' if world_size == 1 else f'evaluate rank {rank}'
-    evaluate_shard(ev, runs, shard(ev.scans, rank, world_size), progress_label=label)
+    counts = evaluate_shard(ev, runs, shard(ev.scans, rank, world_size), progress_label=label)
+    print(f'{label}: {counts["computed"]} results computed, {counts["cached"]} from the cache '
+          f'in {ev.out / CACHE_DIR}', file=sys.stderr)
     barrier()
     if rank != 0:
         return None

@@ -11,9 +11,10 @@ your own clouds with --pred/--gt), in one run:
 - JSD (BEV): ours against the reference's dense 200³ histograms;
 - EMD: ours, plus its approximation error measured against the exact W1 of smaller clouds.
 
-Every measurement runs in a fresh process, so its peak memory (growth of the peak resident set
-size over the loaded clouds) is its own. Results agree exactly or to float rounding; the JSON
-says how well.
+Times are medians of --repeats runs, ours and the reference alternating in one process so that
+load changes on a shared machine hit both alike (the dense 0.2 m IoU runs once). Peak memory is
+measured separately, one fresh process per metric: the growth of the peak resident set size over
+the loaded clouds. The JSON also says how well the results agree (exactly, for these).
 """
 
 from __future__ import annotations
@@ -178,36 +179,57 @@ TASKS: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
 }
 
 
-def _child(name: str, folder: str, repeats: int, queue: Any) -> None:
-    """Load the clouds, then time the task; report seconds, peak memory growth and the value."""
+SLOW = ('iou_dense_0.2', 'iou_dense_0.1')  # timed once: tens of seconds and gigabytes each
+
+
+def _load(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(os.path.join(folder, 'pred.npy')), np.load(os.path.join(folder, 'gt.npy'))
+
+
+def _time_child(names: list[str], folder: str, repeats: int, queue: Any) -> None:
+    """Time tasks in alternating rounds in one process, so that load changes hit all alike."""
     try:
-        pred = np.load(os.path.join(folder, 'pred.npy'))
-        gt = np.load(os.path.join(folder, 'gt.npy'))
-        task = TASKS[name]
-        if name == 'cd_open3d':
-            import open3d  # noqa: F401  (imported before the baseline, like numpy)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        times = []
-        value = None
-        for _ in range(repeats):
-            started = time.perf_counter()
-            value = task(pred, gt)
-            times.append(time.perf_counter() - started)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        queue.put({'seconds': float(np.median(times)), 'repeats': repeats,
-                   'peak_mb': round(max(0, after - before) / 1024.0, 1), 'value': value})
+        import open3d  # noqa: F401  (import cost is not part of any task)
+
+        pred, gt = _load(folder)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        values: dict[str, Any] = {}
+        for round_ in range(repeats):
+            for name in names:
+                if round_ and name in SLOW:
+                    continue
+                started = time.perf_counter()
+                values[name] = TASKS[name](pred, gt)
+                times[name].append(time.perf_counter() - started)
+        queue.put({name: {'seconds': float(np.median(times[name])), 'runs': len(times[name]),
+                          'value': values[name]} for name in names})
     except BaseException as exc:  # report, do not hang the parent
         queue.put({'error': f'{type(exc).__name__}: {exc}'})
 
 
-def measure(name: str, folder: str, repeats: int) -> dict[str, Any]:
-    """Run one task in a fresh process and return its measurement."""
+def _memory_child(name: str, folder: str, queue: Any) -> None:
+    """Growth of the peak resident set size over the loaded clouds during one run of a task."""
+    try:
+        import open3d  # noqa: F401
+
+        pred, gt = _load(folder)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        TASKS[name](pred, gt)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        queue.put({'peak_mb': round(max(0, after - before) / 1024.0, 1)})
+    except BaseException as exc:
+        queue.put({'error': f'{type(exc).__name__}: {exc}'})
+
+
+def _in_fresh_process(target: Callable[..., None], *args: Any) -> dict[str, Any]:
     context = multiprocessing.get_context('spawn')
     queue = context.Queue()
-    process = context.Process(target=_child, args=(name, folder, repeats, queue))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
     result = queue.get()
     process.join()
+    if 'error' in result:
+        raise UserError(f'bench metrics: {args[0]} failed: {result["error"]}')
     return result
 
 
@@ -247,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pred', type=Path, help='use this prediction cloud instead')
     parser.add_argument('--gt', type=Path, help='use this ground-truth cloud instead')
     parser.add_argument('--repeats', type=int, default=3,
-                        help='timed repetitions of our fast metrics (median reported)')
+                        help='timed rounds per metric (median reported)')
     parser.add_argument('--dense-0.1', dest='dense_fine', action='store_true',
                         help='also run the dense 0.1 m IoU (needs ~25 GB of RAM)')
     parser.add_argument('--skip-emd-error', action='store_true',
@@ -273,22 +295,25 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     pred, gt, source = _clouds(args)
-    plan = [('cd_ours', args.repeats), ('cd_open3d', 1), ('jsd_ours', args.repeats),
-            ('jsd_dense', 1), ('iou_ours_0.5', args.repeats), ('iou_dense_0.5', 1),
-            ('iou_ours_0.2', args.repeats), ('iou_dense_0.2', 1),
-            ('iou_ours_0.1', args.repeats), ('emd_ours', args.repeats),
-            ('all_metrics_ours', 1)]
-    if args.dense_fine:
-        plan.append(('iou_dense_0.1', 1))
+    load_before = os.getloadavg()[0]
+    groups = [['cd_ours', 'cd_open3d'], ['jsd_ours', 'jsd_dense'],
+              ['iou_ours_0.5', 'iou_dense_0.5'], ['iou_ours_0.2', 'iou_dense_0.2'],
+              ['iou_ours_0.1'] + (['iou_dense_0.1'] if args.dense_fine else []),
+              ['emd_ours', 'all_metrics_ours']]
+    names = [name for group in groups for name in group]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix='distdpo-bench-') as folder:
         np.save(os.path.join(folder, 'pred.npy'), pred)
         np.save(os.path.join(folder, 'gt.npy'), gt)
-        for name, repeats in tqdm(plan, desc='bench metrics', file=sys.stderr):
-            results[name] = measure(name, folder, repeats)
-            if 'error' in results[name]:
-                raise UserError(f'bench task {name} failed: {results[name]["error"]}')
+        with tqdm(total=len(groups) + len(names), desc='bench metrics', file=sys.stderr) as bar:
+            for group in groups:
+                results.update(_in_fresh_process(_time_child, group, folder, args.repeats))
+                bar.update()
+            for name in names:
+                results[name].update(_in_fresh_process(_memory_child, name, folder))
+                bar.update()
     report = _report(results, pred, gt, source, args)
+    report['load_average_1min'] = {'start': load_before, 'end': os.getloadavg()[0]}
     if not args.skip_emd_error:
         report['emd_approximation'] = emd_error(args.seed)
     print(json.dumps(report, indent=2))
@@ -309,6 +334,12 @@ def _report(results: dict[str, Any], pred: np.ndarray, gt: np.ndarray, source: s
                     'jsd_vs_dense': ratio('jsd_dense', 'jsd_ours'),
                     'iou_0.5_vs_dense': ratio('iou_dense_0.5', 'iou_ours_0.5'),
                     'iou_0.2_vs_dense': ratio('iou_dense_0.2', 'iou_ours_0.2')},
+        'peak_memory_ratio': {
+            name: round(results[slow]['peak_mb'] / max(results[fast]['peak_mb'], 0.1), 1)
+            for name, slow, fast in (('cd_open3d_vs_ours', 'cd_open3d', 'cd_ours'),
+                                     ('jsd_dense_vs_ours', 'jsd_dense', 'jsd_ours'),
+                                     ('iou_0.5_dense_vs_ours', 'iou_dense_0.5', 'iou_ours_0.5'),
+                                     ('iou_0.2_dense_vs_ours', 'iou_dense_0.2', 'iou_ours_0.2'))},
         'agreement': {
             'cd_relative_difference': abs(results['cd_ours']['value']
                                           / results['cd_open3d']['value'] - 1.0),
