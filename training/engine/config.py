@@ -52,6 +52,7 @@ class EngineConfig:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N (torchrun: each rank takes cuda:LOCAL_RANK)
     precision: str = 'auto'  # auto (bf16 autocast on GPUs, fp32 on CPU) | fp32 | bf16
     num_workers: int = -1  # data loader workers per process; -1: 2 on GPUs, 0 on CPU
+    threads: int = 0  # torch CPU threads per process; 0: torch's default (torchrun: 1)
     log_every: int = 10  # steps between log lines (losses averaged over the interval and ranks)
     ckpt_every: int = 200  # steps between training-state checkpoints (and the `last` model)
     val_every: int = 500  # steps between validations; 0 disables them
@@ -65,8 +66,8 @@ class EngineConfig:
                 raise UserError(f'{source}: field "train.{name}" must be >= 1')
         if self.precision not in ('auto', 'fp32', 'bf16'):
             raise UserError(f'{source}: field "train.precision" must be auto, fp32 or bf16')
-        if self.val_every < 0 or self.val_scans < 0:
-            raise UserError(f'{source}: fields "train.val_every"/"train.val_scans" must be >= 0')
+        if self.val_every < 0 or self.val_scans < 0 or self.threads < 0:
+            raise UserError(f'{source}: fields "train.val_every/val_scans/threads" must be >= 0')
         return self
 
 
@@ -95,12 +96,19 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: str = '')
 
 
 def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
+    """value checked against (and, for floats, converted to) the annotated type tp."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
+        for member in typing.get_args(tp):
+            if member is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, member, source, dotted)
+            except UserError:
+                pass
+        raise UserError(f'{source}: field "{dotted}" must be {tp}, got {value!r}')
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
@@ -108,6 +116,11 @@ def _coerce(value: Any, tp: Any, source: str, dotted: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, source, f'{dotted}[{i}]') for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return value
     expected = origin or tp
     if expected is Any or isinstance(value, expected) and not (
             expected is int and isinstance(value, bool)):

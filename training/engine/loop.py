@@ -99,6 +99,9 @@ class Engine:
         self.steps_per_epoch = 1
         self.best: float | None = None
         self._stop_signal: int | None = None
+        self._saved_step = -1
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
 
     # ---- registration (called from Task.setup) -------------------------------------------------
@@ -197,7 +200,7 @@ class Engine:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.loop, unit='step',
                    disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
         sums: dict[str, torch.Tensor] = {}
-        count, t_log = 0, time.perf_counter()
+        count, data_s, step_s = 0, 0.0, 0.0
         try:
             if self.resume_from is not None and self.is_main:
                 log.write(self.step, {'resumed_from': str(self.resume_from)}, kind='event')
@@ -205,7 +208,10 @@ class Engine:
                 self._validate(task, val_set, log)
             while self.step < cfg.max_steps and self._stop_signal is None:
                 sampler.set_position(self.epoch, self.batch_in_epoch)
+                t_data = time.perf_counter()
                 for indices, batch in loader:
+                    t_step = time.perf_counter()
+                    data_s += t_step - t_data
                     gens = sample_generators(cfg.seed, self.step, indices, self.device)
                     for module in self.wrapped.values():  # frozen ones stay in eval
                         if any(p.requires_grad for p in module.parameters()):
@@ -215,16 +221,17 @@ class Engine:
                         sched.step()
                     self.step += 1
                     self.batch_in_epoch += 1
+                    step_s += time.perf_counter() - t_step
                     bar.update(1)
                     for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + value.detach().float()
                     count += 1
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        record = self._reduce_log(sums, count, time.perf_counter() - t_log)
+                        record = self._reduce_log(sums, count, data_s, step_s)
                         log.write(self.step, record)
                         bar.set_postfix({k: f'{v:.4g}' for k, v in record.items()
                                          if k in ('loss', 'lr')})
-                        sums, count, t_log = {}, 0, time.perf_counter()
+                        sums, count, data_s, step_s = {}, 0, 0.0, 0.0
                     final = self.step >= cfg.max_steps
                     if cfg.val_every and (self.step % cfg.val_every == 0 or final):
                         self._validate(task, val_set, log)
@@ -236,9 +243,12 @@ class Engine:
                         break
                     if final:
                         break
+                    t_data = time.perf_counter()
                 else:
                     self.epoch += 1
                     self.batch_in_epoch = 0
+            if self._stop_signal is not None and self._saved_step != self.step:
+                self._save(task, 'last')  # stopped before the first step (e.g. in validation)
         finally:
             bar.close()
             log.close()
@@ -299,8 +309,9 @@ class Engine:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-    def _reduce_log(self, sums: dict[str, torch.Tensor], count: int, seconds: float
-                    ) -> dict[str, float]:
+    def _reduce_log(self, sums: dict[str, torch.Tensor], count: int, data_s: float,
+                    step_s: float) -> dict[str, float]:
+        """Interval means over steps and ranks, learning rates, and rank 0's timings."""
         keys = sorted(sums)
         record: dict[str, float] = {}
         if keys:
@@ -311,7 +322,9 @@ class Engine:
             key = 'lr' if len(self.optimizers) == 1 else f'lr/{name}'
             record[key] = float(opt.param_groups[0]['lr'])
         record['epoch'] = self.epoch
-        record['steps_per_s'] = count / max(seconds, 1e-9)
+        record['data_s'] = data_s / count  # waiting for the batch, per step
+        record['step_s'] = step_s / count  # forward, backward and update, per step
+        record['steps_per_s'] = count / max(data_s + step_s, 1e-9)
         return record
 
     def _validate(self, task: Task, val_set: Dataset | None, log: RunLog) -> None:
@@ -388,6 +401,8 @@ class Engine:
             save_state(target, state)
             info = {'step': self.step, 'epoch': self.epoch, 'loop': self.loop, 'best': self.best}
             task.export(self, self.out / 'model' / tag, info)
+        if tag == 'last':
+            self._saved_step = self.step
         D.barrier(self.dist)
 
     def _load(self, path: Path) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from distdpo_ros.errors import UserError
+from distdpo_ros.pointio import atomic_writer
 
 FORMAT = 'distdpo-train-state'
 VERSION = 1
@@ -89,24 +88,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    """Write data to path atomically (temp file beside it, fsync, rename), creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
