@@ -196,8 +196,11 @@ class HDL64E:
         face = prim[idx]
         attrs = [a[face] for a in (self.static.label, self.static.instance, self.static.rho,
                                    self.static.material, self.static.owner)]
+        if rows is not None:
+            in_range = t_hit[rows] <= MAX_RANGE + 0.5
+            rows, prim_a = rows[in_range], prim_a[in_range]
         if rows is not None and len(rows):
-            mine = np.searchsorted(idx, rows)                     # rows are all hits
+            mine = np.searchsorted(idx, rows)             # rows are in idx: sorted, in range
             for column, values in zip(attrs, (agents.label, agents.instance, agents.rho,
                                                agents.material), strict=False):
                 column[mine] = values[prim_a]
