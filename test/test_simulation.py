@@ -108,11 +108,18 @@ def test_moving_classes_are_on_objects_that_move(drives):
     classes = set(np.unique(semantic(np.concatenate([first.labels, last.labels]))).tolist())
     assert classes & {M.ROAD, M.SIDEWALK, M.BUILDING, M.VEGETATION, M.TERRAIN}
     assert classes & set(M.MOVING.values()), 'no moving object in view'
-    # Moving classes exactly on the agents (instance ids after the static world's).
-    for frame in (first, last):
+    # Moving classes exactly on the agents (instance ids after the static world's), and each
+    # such point on its own agent (within its bounding sphere, plus glass penetration).
+    for f, frame in ((0, first), (11, last)):
         moving = semantic(frame.labels) >= M.FIRST_MOVING
         agent = (frame.labels >> 16) > seq.world.instances
         np.testing.assert_array_equal(moving, agent)
+        rot, trans, _ = seq.agents.poses(seq.world.street, f)
+        centers = np.einsum('nij,nj->ni', rot, seq.agents.centers) + trans
+        owner = (frame.labels[moving] >> 16).astype(int) - seq.world.instances - 1
+        world = frame.points[moving, :3] @ seq.poses[f][:3, :3].T + seq.poses[f][:3, 3]
+        gap = np.linalg.norm(world - centers[owner], axis=1) - seq.agents.radii[owner]
+        assert gap.max() < 2.5, gap.max()
     checked = {'moving': 0, 'static': 0}
     xyz_a = _world_points(first)
     for inst in np.unique(first.labels >> 16):
