@@ -211,3 +211,23 @@ def test_teacher_that_does_not_fit_the_config_is_refused(sim_dataset, tmp_path, 
                  '--out', str(tmp_path / 'run'), '--teacher', str(teacher_dir)])
     assert code == 2
     assert 'does not fit' in capsys.readouterr().err
+
+
+def test_ablation_writes_one_table_and_skips_finished_runs(sim_dataset, tmp_path, capsys):
+    from distdpo_ros.cli import main
+
+    teacher_dir = save_model(tmp_path / 'teacher', _teacher(5))
+    args = ['ablate', 'distill', '--teacher', str(teacher_dir), '--data', str(sim_dataset),
+            '--out', str(tmp_path / 'abl'), '--config', 'distill_tiny', '--max-steps', '1',
+            '--variants', 'released', '--sequences', '01', '--limit', '1', '--device', 'cpu',
+            '--renders', '0', '--emd-points', '128',
+            '--set', 'data.train=["00"]', '--set', 'data.val=["01"]', '--set',
+            'train.val_every=0', '--set', 'train.val_at_start=false']
+    assert main(args) == 0
+    table = (tmp_path / 'abl' / 'ablation.md').read_text()
+    for text in ('Table 2', 'teacher, 50 steps', 'teacher, 8 steps', 'zero student gradient',
+                 '1 steps', '| CD (m) |'):
+        assert text in table
+    capsys.readouterr()
+    assert main(args) == 0  # a second run recomputes nothing
+    assert capsys.readouterr().err.count('already trained') == 2

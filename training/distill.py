@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from distdpo_ros.checkpoint import ModelBundle, load_model, save_model
+from distdpo_ros.completion import _StageClock as StageClock
 from distdpo_ros.completion import initial_cloud
 from distdpo_ros.config import ModelConfig
 from distdpo_ros.diffusion import NoiseSchedule, make_solver
@@ -263,9 +264,12 @@ class DistillTask:
         batch_size = scan.shape[0]
         for module in (self.student, *self.assistants):  # the engine set train(): see docstring
             module.eval()
+        seconds: dict[str, float] = {}
+        clock = StageClock(engine.device, seconds)
         with torch.no_grad(), engine.autocast():
             cond = self.teacher.encode(scan)
         samples, _ = self.generate(engine, scan, cond, gens)
+        clock.lap('generate')
         out: dict[str, torch.Tensor] = {}
         if cfg.method == 'dpo':
             first, second = samples.split(batch_size)
@@ -274,6 +278,7 @@ class DistillTask:
             xs = [x_w, x_l]
         else:
             xs = [samples]
+        clock.lap('metric')
 
         # assistants: one diffusion-loss step each on their (detached) samples
         shape = tuple(samples.shape[1:])
@@ -286,6 +291,7 @@ class DistillTask:
         loss_a = sum(losses)
         out['assistant_loss'] = loss_a.detach()
         out['assistant_grad'] = engine.optimize(loss_a, 'assistants', cfg.clip or None)
+        clock.lap('assistants')
 
         # student: score differences at the noised samples with one shared t and eps
         t = _draw_t(gens, *self.t_range, engine.device)
@@ -308,6 +314,8 @@ class DistillTask:
         out['student_loss'] = loss_s.detach()
         out['student_grad'] = engine.optimize(loss_s, 'student', cfg.clip or None)
         out['score_diff'] = torch.stack([d.abs().mean() for d in diffs]).mean()
+        clock.lap('student')
+        out.update({f'seconds_{k}': torch.tensor(v) for k, v in seconds.items()})
         return out
 
     # ---- validation and export ----------------------------------------------------------------
