@@ -30,7 +30,6 @@ def _steps(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         'Complete every scan of a SemanticKITTI-layout dataset split (real or simulated) with '
         'one or two models and score it (CD, JSD, EMD, P/R/F, IoU). Writes results.json, '
@@ -46,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='dataset root (ROOT/sequences/SS or ROOT/dataset/sequences/SS) with '
                              'built ground-truth maps (distdpo build-maps)')
     parser.add_argument('--split', default='val',
-                        help='SemanticKITTI split: val (08) or train (00-07, 09, 10)')
+                        help='SemanticKITTI split: val (08) or train (00-07, 09, 10) '
+                             '(default: val)')
     parser.add_argument('--sequences', help='comma-separated sequence names instead of --split')
     parser.add_argument('--steps', type=_steps,
                         help='sampler step counts (NFE) for --model, e.g. 1,2,4,8 '
@@ -58,18 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--limit', type=int,
                         help='evaluate only this many scans, spread evenly over the split')
     parser.add_argument('--out', required=True, type=Path, help='output folder')
-    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--device', default='auto',
+                        help='auto, cpu, cuda or cuda:N (default: auto)')
     parser.add_argument('--guidance', type=float,
                         help='classifier-free guidance weight (default: each model\'s own)')
     parser.add_argument('--seed', type=int, default=0,
-                        help='seed of scan k is SEED + k (independent of sharding)')
+                        help='seed of scan k is SEED + k, independent of sharding (default: 0)')
     parser.add_argument('--max-range', type=float,
                         help='ground-truth range in metres (default: the largest max_range of '
                              'the models, 50 m at full scale)')
     parser.add_argument('--emd-points', type=int, default=2048,
-                        help='points per cloud for the exact-assignment EMD')
+                        help='points per cloud for the exact-assignment EMD (default: 2048)')
     parser.add_argument('--renders', type=int, default=3,
-                        help='number of scans drawn as Fig.-1-style PNGs')
+                        help='number of scans drawn as Fig.-1-style PNGs (default: 3)')
     parser.add_argument('--no-warmup', dest='warmup', action='store_false',
                         help='skip the untimed warm-up completion per model, step count and '
                              'process (the first scan\'s time then includes start-up costs)')

@@ -22,7 +22,6 @@ from distdpo_ros.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         'Draw input scan, ground truth, teacher and student completions side by side: a '
         'bird\'s-eye view over a perspective view, coloured by height with one colour scale, '
@@ -35,20 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', help='student checkpoint directory (or "default"): complete '
                                         'the scan')
     parser.add_argument('--student-points', type=Path, help='or: a student completion file')
-    parser.add_argument('--teacher-name', default='Teacher', help='title of the teacher panel')
-    parser.add_argument('--name', default='Student', help='title of the student panel')
+    parser.add_argument('--teacher-name', default='Teacher',
+                        help='title of the teacher panel (default: Teacher)')
+    parser.add_argument('--name', default='Student',
+                        help='title of the student panel (default: Student)')
     parser.add_argument('--steps', type=int, help='student steps (default: the model\'s own)')
     parser.add_argument('--teacher-steps', type=int,
                         help='teacher steps (default: the model\'s own)')
     parser.add_argument('--refine', action='store_true', help='refine computed completions')
-    parser.add_argument('--seed', type=int, default=0, help='sampling seed')
-    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--seed', type=int, default=0, help='sampling seed (default: 0)')
+    parser.add_argument('--device', default='auto',
+                        help='auto, cpu, cuda or cuda:N (default: auto)')
     parser.add_argument('--bin-columns', type=int, default=4,
-                        help='float32 values per point in .bin files (KITTI 4, nuScenes 5)')
-    parser.add_argument('--title', default='', help='figure title')
+                        help='float32 values per point in .bin files: KITTI 4, nuScenes 5 '
+                             '(default: 4)')
+    parser.add_argument('--title', default='', help='figure title (default: none)')
     parser.add_argument('--extent', type=float,
                         help='half-width of the bird\'s-eye view in metres (default: from data)')
-    parser.add_argument('--width', type=int, default=2400, help='image width in pixels')
+    parser.add_argument('--width', type=int, default=2400,
+                        help='image width in pixels (default: 2400)')
     parser.add_argument('--out', required=True, type=Path, help='output PNG file')
 
 
