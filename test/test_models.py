@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from distdpo_ros.models import (
     identical_groups,
     timestep_embedding,
 )
-from distdpo_ros.sparse import SparseTensor, cat, quantize
+from distdpo_ros.sparse import SparseTensor, cat, minkowski, quantize
 
 PARAMETERS = {'MinkUNetDiff': 24_174_515, 'MinkGlobalEnc': 8_497_952,
               'MinkUNet_refine': 21_722_926}
@@ -220,46 +218,20 @@ def test_refine_net_offsets() -> None:
     assert off.abs().max().item() <= 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec('MinkowskiEngine') is None,
+@pytest.mark.skipif(not minkowski.available(),
                     reason='MinkowskiEngine is not installed (optional accelerator)')
-def test_refine_network_matches_minkowski_engine() -> None:
-    import MinkowskiEngine as ME
-
-    from distdpo_ros.sparse import SparseBatchNorm, SparseConv3d, SparseConvTranspose3d, SparseReLU
-
-    def to_me(module: torch.nn.Module) -> torch.nn.Module:
-        if isinstance(module, SparseConv3d):
-            return ME.MinkowskiConvolution(module.in_channels, module.out_channels,
-                                           kernel_size=module.kernel_size, stride=module.stride,
-                                           dimension=3)
-        if isinstance(module, SparseConvTranspose3d):
-            return ME.MinkowskiConvolutionTranspose(module.in_channels, module.out_channels,
-                                                    kernel_size=2, stride=2, dimension=3)
-        if isinstance(module, SparseBatchNorm):
-            return ME.MinkowskiBatchNorm(module.bn.num_features)
-        if isinstance(module, SparseReLU):
-            return ME.MinkowskiReLU()
-        for name, child in module.named_children():
-            setattr(module, name, to_me(child))
-        return module
-
+def test_networks_match_minkowski_engine(tiny_net: DiffusionNet) -> None:
     torch.manual_seed(3)
-    ours = RefineNet(preset('tiny')).eval()
-    theirs = to_me(copy.deepcopy(ours.model)).eval()
-    theirs.load_state_dict(ours.model.state_dict())
-    pts = scene(400, 17)[None]
-    coords = ME.utils.batched_coordinates([torch.round(pts[0] / ours.resolution)])
-    field = ME.TensorField(features=pts[0], coordinates=coords,
-                           quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE)
+    refine = RefineNet(preset('tiny')).eval()
+    pts = torch.stack([scene(400, 17), scene(400, 18, 5.0)])
     with torch.no_grad():
-        x0 = theirs.stem(field.sparse())
-        x1 = theirs.stage1(x0)
-        x2 = theirs.stage2(x1)
-        x3 = theirs.stage3(x2)
-        x4 = theirs.stage4(x3)
-        y = x4
-        for up, skip in ((theirs.up1, x3), (theirs.up2, x2), (theirs.up3, x1), (theirs.up4, x0)):
-            y = up[1](ME.cat(up[0](y), skip))
-        expected = theirs.last(y.slice(field).F)
-        got = ours(pts).reshape(400, -1)
-    assert (got - expected).abs().max().item() < 1e-4
+        expected = minkowski.minkowski_forward(minkowski.to_minkowski(refine.model).eval(), pts,
+                                               resolution=refine.resolution)
+        got = refine(pts).reshape(800, -1)
+        assert (got - expected).abs().max().item() < 1e-4
+        cond = tiny_net.encode(torch.stack([scene(150, 19), scene(150, 20, 4.0)]))
+        t = torch.tensor([50, 800])
+        expected = minkowski.minkowski_forward(
+            minkowski.to_minkowski(tiny_net.denoiser).eval(), pts, cond, t, tiny_net.resolution)
+        got = tiny_net(pts, t, cond).reshape(800, 3)
+        assert (got - expected).abs().max().item() < 1e-4

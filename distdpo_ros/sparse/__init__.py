@@ -7,11 +7,11 @@ as-is.
 from distdpo_ros.sparse.coords import CoordinateManager, KernelMap
 from distdpo_ros.sparse.functional import sparse_conv
 from distdpo_ros.sparse.layers import (
-                                       SparseBatchNorm,
-                                       SparseConv3d,
-                                       SparseConvTranspose3d,
-                                       SparseLeakyReLU,
-                                       SparseReLU,
+    SparseBatchNorm,
+    SparseConv3d,
+    SparseConvTranspose3d,
+    SparseLeakyReLU,
+    SparseReLU,
 )
 from distdpo_ros.sparse.neighbours import nearest_reference
 from distdpo_ros.sparse.tensor import PointVoxelMap, SparseTensor, cat, quantize

@@ -1,0 +1,211 @@
+"""`distdpo bench backbone`: forward time of the noise predictor (MinkUNetDiff) on a full scan.
+
+The scan (a file given with --scan, else the built-in synthetic street scan) is cropped and
+subsampled as the Completer does, tiled K times and noised to the level of each timestep measured.
+Each measurement is the classifier-free-guidance call the sampler makes: one batched forward of the
+conditional and the unconditional branch (B = 2, one shared voxelisation). Reported per scale and
+timestep: voxel count, median wall time and process CPU time of ``--runs`` runs after a warm-up;
+optionally a training step (forward + backward of encoder and UNet on a batch of different clouds)
+and, when MinkowskiEngine imports, its time on the same voxels and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distdpo_ros.config import SCALES, preset
+from distdpo_ros.errors import UserError
+
+DEFAULT_STEPS = '999,750,500,250,20'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--scan', default=None, metavar='PATH',
+                        help='scan file (.bin .ply .pcd .npy) to tile like the reference; '
+                             'default: the built-in synthetic street scan')
+    parser.add_argument('--scales', default='full,small', metavar='LIST',
+                        help=f'comma-separated scales from {SCALES} (default: full,small)')
+    parser.add_argument('--device', default='auto',
+                        help='auto (CUDA when available, else CPU), cpu, cuda or cuda:N '
+                             '(default: auto)')
+    parser.add_argument('--runs', type=int, default=3,
+                        help='timed runs per measurement after one warm-up (default: 3)')
+    parser.add_argument('--timesteps', default=DEFAULT_STEPS, metavar='LIST',
+                        help=f'diffusion steps t whose noise level is measured (default: '
+                             f'{DEFAULT_STEPS})')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch\'s own choice)')
+    parser.add_argument('--train', action='store_true',
+                        help='also time a training step (forward + backward, no optimiser) on '
+                             'a batch of --train-batch different clouds at t = 500')
+    parser.add_argument('--train-batch', type=int, default=2,
+                        help='batch size of the training step (default: 2)')
+    parser.add_argument('--seed', type=int, default=0, help='noise seed (default: 0)')
+    parser.add_argument('--json', action='store_true', help='print one JSON object')
+
+
+def _scan(path: str | None) -> np.ndarray:
+    from distdpo_ros.completion import synthetic_scan
+
+    if path is None:
+        return synthetic_scan()
+    from distdpo_ros.pointio import read_points
+
+    return read_points(path)
+
+
+def _timed(fn: Callable[[], Any], runs: int, device: torch.device) -> dict[str, float]:
+    """Median wall and process-CPU seconds of `runs` calls after one warm-up call."""
+    def sync() -> None:
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    walls, cpus = [], []
+    for _ in range(runs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {'wall_s': round(statistics.median(walls), 4),
+            'cpu_s': round(statistics.median(cpus), 4)}
+
+
+def measure_scale(scale: str, raw_scan: np.ndarray, device: torch.device, args: Any,
+                  progress: tqdm) -> dict[str, Any]:
+    """All measurements of one scale (random weights: timing does not depend on their values)."""
+    from distdpo_ros.completion import initial_cloud, preprocess
+    from distdpo_ros.diffusion import NoiseSchedule
+    from distdpo_ros.models import Condition, DiffusionNet
+    from distdpo_ros.sparse import minkowski, quantize
+
+    config = preset(scale)
+    torch.manual_seed(args.seed)
+    net = DiffusionNet(config).to(device).eval()
+    scan = torch.from_numpy(preprocess(raw_scan, config, 'scan')).to(device)[None]
+    x_init = initial_cloud(scan, config.replication)
+    schedule = NoiseSchedule.from_config(config)
+    twin = minkowski.to_minkowski(net.denoiser).eval() if minkowski.available() else None
+    result: dict[str, Any] = {
+        'scale': scale, 'channel_ratio': config.channel_ratio, 'resolution': config.resolution,
+        'scan_points': config.scan_points, 'points': config.full_points,
+        'max_range': config.max_range, 'batch': 2, 'timesteps': []}
+    with torch.inference_mode():
+        both = Condition.cat([net.encode(scan), net.null_condition(1)])
+        result['condition_voxels'] = int((both.batch == 0).sum())
+        for t in _steps(args.timesteps, config.num_train_timesteps):
+            progress.set_description(f'{scale} t={t}')
+            x_t = x_init + schedule.sigma(t) * torch.randn(x_init.shape, device=device)
+            pair, steps = x_t.expand(2, -1, -1), torch.full((2,), t, device=device)
+            voxels, _ = quantize(x_t, config.resolution)
+            entry = {'t': t, 'sigma': round(schedule.sigma(t), 4),
+                     'voxels': voxels.num_voxels,
+                     **_timed(partial(net, pair, steps, both), args.runs, device)}
+            if twin is not None:
+                me = _timed(partial(minkowski.minkowski_forward, twin, pair, both, steps,
+                                    config.resolution), args.runs, device)
+                entry['minkowski_wall_s'] = me['wall_s']
+                entry['speedup_vs_minkowski'] = round(me['wall_s'] / entry['wall_s'], 3)
+            result['timesteps'].append(entry)
+            progress.update()
+    result['mean_wall_s'] = round(statistics.fmean(e['wall_s'] for e in result['timesteps']), 4)
+    result['mean_cpu_s'] = round(statistics.fmean(e['cpu_s'] for e in result['timesteps']), 4)
+    if args.train:
+        progress.set_description(f'{scale} training step')
+        result['train_step'] = _train_step(net, scan, x_init, schedule, args, device)
+        progress.update()
+    return result
+
+
+def _train_step(net: Any, scan: torch.Tensor, x_init: torch.Tensor, schedule: Any, args: Any,
+                device: torch.device) -> dict[str, Any]:
+    """Forward + backward of encoder and UNet on `train_batch` different noisy clouds at t=500."""
+    net.train()
+    batch = args.train_batch
+    scans = scan.expand(batch, -1, -1)
+    x_t = x_init.expand(batch, -1, -1) + schedule.sigma(500) * torch.randn(
+        (batch, *x_init.shape[1:]), device=device)
+    steps = torch.full((batch,), 500, device=device)
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        eps = net(x_t, steps, net.encode(scans))
+        eps.square().mean().backward()
+
+    out = {'batch': batch, **_timed(step, args.runs, device)}
+    net.eval()
+    return out
+
+
+def _steps(text: str, limit: int) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(',') if s.strip()]
+    except ValueError:
+        raise UserError(f'--timesteps must be comma-separated integers, got {text!r}') from None
+    if not steps or any(not 0 <= s < limit for s in steps):
+        raise UserError(f'--timesteps must lie in [0, {limit}), got {text!r}')
+    return steps
+
+
+def run(args: argparse.Namespace) -> int:
+    from distdpo_ros.completion import resolve_device
+    from distdpo_ros.sparse import minkowski
+
+    scales = [s.strip() for s in args.scales.split(',') if s.strip()]
+    unknown = [s for s in scales if s not in SCALES]
+    if unknown or not scales:
+        raise UserError(f'--scales must name scales from {SCALES}, got {args.scales!r}')
+    if args.runs < 1 or args.train_batch < 1:
+        raise UserError('--runs and --train-batch must be at least 1')
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError('--threads must be at least 1')
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    raw_scan = _scan(args.scan)
+    steps = _steps(args.timesteps, preset('full').num_train_timesteps)
+    progress = tqdm(total=len(scales) * (len(steps) + int(args.train)), file=sys.stderr,
+                    unit='measurement', desc='bench backbone')
+    report: dict[str, Any] = {
+        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
+        f'cpu ({platform.processor() or platform.machine()})',
+        'torch': torch.__version__, 'threads': torch.get_num_threads(),
+        'load_average': [round(v, 2) for v in os.getloadavg()],
+        'scan': args.scan or 'synthetic', 'minkowski_engine': minkowski.available(),
+        'results': [measure_scale(s, raw_scan, device, args, progress) for s in scales]}
+    progress.close()
+    report['load_average_after'] = [round(v, 2) for v in os.getloadavg()]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"device {report['device']}, torch {report['torch']}, {report['threads']} threads, "
+          f"load average {report['load_average']}, scan {report['scan']}")
+    for r in report['results']:
+        print(f"{r['scale']}: ratio {r['channel_ratio']}, {r['points']} points, "
+              f"{r['resolution']} m voxels, guided batch of 2")
+        for e in r['timesteps']:
+            extra = (f", MinkowskiEngine {e['minkowski_wall_s']:.3f} s "
+                     f"(x{e['speedup_vs_minkowski']})" if 'minkowski_wall_s' in e else '')
+            print(f"  t={e['t']:4d} voxels {e['voxels']:7d}  {e['wall_s']:.3f} s wall, "
+                  f"{e['cpu_s']:.3f} s cpu{extra}")
+        print(f"  mean {r['mean_wall_s']:.3f} s wall")
+        if 'train_step' in r:
+            ts = r['train_step']
+            print(f"  training step (batch {ts['batch']}): {ts['wall_s']:.3f} s wall, "
+                  f"{ts['cpu_s']:.3f} s cpu")
+    return 0
