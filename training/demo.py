@@ -247,7 +247,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         'model': {'name': opts.model, 'path': str(model_dir), 'scale': config.scale,
                   'role': config.role, 'steps': steps, 'guidance': config.guidance},
         'device': device,
-        'node': 'separate process' if opts.separate_process else 'in process',
+        'node': 'in its own process' if opts.separate_process else 'in this process',
         'seed': opts.seed,
         'frames': {'simulated': opts.frames, 'published': replayed['published'],
                    'completed': replayed['completed'], 'scored': len(report.metrics)},
