@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from distdpo_ros.errors import UserError
 from distdpo_training.engine import Engine, EngineConfig, read_log
 from distdpo_training.engine.data import GlobalBatchSampler, rng_from_tensor, rng_to_tensor
+from distdpo_training.engine.runlog import plot_log
 from distdpo_training.engine.state import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,8 @@ def test_loss_falls_and_resume_gives_the_same_losses(tmp_path: Path) -> None:
     assert (tmp_path / 'full' / 'state' / 'best.safetensors').is_file()
     best_info = json.loads((tmp_path / 'full' / 'model' / 'best' / 'info.json').read_text())
     assert best_info['best'] == min(r['mse'] for r in val)
+    png = plot_log(tmp_path / 'full' / 'log.jsonl', tmp_path / 'curve.png', val_key='mse')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:

@@ -63,3 +63,29 @@ def read_log(path: Path, kind: str = 'train') -> list[dict[str, Any]]:
         if record.get('kind') == kind:
             by_step[record['step']] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_log(path: Path, out: Path, train_key: str = 'loss', val_key: str = 'cd') -> Path:
+    """A PNG of a run: the training loss and the validation metric against the step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: training-only dependency
+    from matplotlib.figure import Figure
+
+    from distdpo_ros.pointio import atomic_writer
+
+    train = [r for r in read_log(path) if train_key in r]
+    val = [r for r in read_log(path, kind='val') if val_key in r]
+    fig = Figure(figsize=(10, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax_train, ax_val = fig.subplots(1, 2)
+    ax_train.plot([r['step'] for r in train], [r[train_key] for r in train], lw=1)
+    ax_train.set(xlabel='step', ylabel=train_key, title=f'training {train_key}')
+    ax_val.plot([r['step'] for r in val], [r[val_key] for r in val], 'o-')
+    ax_val.set(xlabel='step', ylabel=val_key, title=f'validation {val_key}')
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(out) as handle:
+        fig.savefig(handle, format='png')
+    return out
