@@ -4,12 +4,14 @@
 
 1. simulate a short HDL-64E drive (SemanticKITTI layout + a rosbag2, :mod:`.simulation`);
 2. build its static ground-truth map (:mod:`.maps`, what `distdpo build-maps` does);
-3. replay the bag through the `distdpo_completion` node over DDS, one scan at a time, record the
-   completed clouds into a new bag and score every completion against the ground truth
-   (:mod:`.replay`, what `distdpo replay --lockstep --record --gt` does);
-4. draw a Fig.-1-style picture of one frame: input scan, ground truth, the node's completion (and
-   the teacher's, when the model came with one) (:mod:`.render`);
-5. write ``summary.json`` and return it for the caller to print.
+3. replay the bag through the `distdpo_completion` node over DDS, one scan at a time, and record
+   the completed clouds into a new bag (:mod:`.replay`, what `distdpo replay --lockstep --record`
+   does), timing each scan from publishing it to receiving its completion;
+4. score every recorded completion against the ground truth (CD, F-score, JSD, ...);
+5. draw a Fig.-1-style picture of one scan: input, ground truth, the node's completion (and the
+   teacher's, when the model came with one) (:mod:`.render`);
+
+then writes ``summary.json`` and returns the summary for the caller to print.
 
 The output folder is marked as the demo's own (``.distdpo-demo``), so that a re-run may replace the
 previous run's outputs there and a folder holding anything else is never touched.
@@ -36,7 +38,7 @@ RECORD_DIR = 'completed'  # the recorded bag of completed clouds
 SUMMARY_FILE = 'summary.json'
 PICTURE_FILE = 'demo.png'
 SEQUENCE = '00'
-STAGES = 4
+STAGES = 5
 NODE_WAIT = 600.0  # seconds a node in another process may take for one scan
 QUALITY_KEYS = ('cd', 'fscore', 'precision', 'recall', 'jsd', 'jsd_3d', 'emd')
 
@@ -127,32 +129,38 @@ def simulate_drive(out: Path, frames: int, seed: int) -> tuple[Path, Path]:
 
 
 def replay_drive(opts: DemoOptions, model_dir: Path, bag: Path, frames: int) -> Any:
-    """Replay the bag through the node (lockstep), record and score it: the ReplayReport."""
+    """Replay the bag through the node, one scan at a time, into the recorded bag: the
+    ReplayReport (latency and node statistics)."""
     from tqdm import tqdm
 
     from distdpo_training.replay import ReplayOptions, replay
 
     where = 'its own process' if opts.separate_process else 'this process'
     _stage(3, f'replaying it through the completion node over DDS (node in {where}), recording '
-              f'into {opts.out / RECORD_DIR} and scoring against the ground truth')
+              f'into {opts.out / RECORD_DIR}')
     replay_opts = ReplayOptions(
         bag=bag, lockstep=True, record=opts.out / RECORD_DIR, model=str(model_dir),
         device=opts.device, steps=opts.steps, seed=opts.seed,
-        separate_process=opts.separate_process, gt=opts.out / DRIVE_DIR,
-        wait=NODE_WAIT)
+        separate_process=opts.separate_process, wait=NODE_WAIT)
     with tqdm(total=frames, desc='replay', unit='scan') as bar:
         return replay(replay_opts, progress=bar.update)
 
 
+def score_recording(record: Path, dataset: Path, max_range: float
+                    ) -> tuple[list[dict[str, Any]], dict[int, np.ndarray]]:
+    """Score every completed cloud of the recorded bag against the ground truth: (metrics rows
+    by frame, completed xyz by stamp)."""
+    from tqdm import tqdm
 
-def picture_frame(report: Any) -> tuple[dict[str, Any], np.ndarray]:
-    """The scored frame in the middle of the drive: (its metrics row, the node's completion)."""
-    rows = sorted(report.metrics, key=lambda r: r['frame'])
-    if not rows:
-        raise UserError('the node completed no scan that could be scored; see its output above')
-    row = rows[len(rows) // 2]
-    xyz = next(c.xyz for c in report.completed if c.stamp_ns == row['stamp_ns'])
-    return row, xyz
+    from distdpo_ros.node import OUTPUT_TOPIC
+    from distdpo_training.bags import BagFrames
+    from distdpo_training.replay import GroundTruth
+
+    completed = list(BagFrames(record, topic=OUTPUT_TOPIC))  # each has stamp_ns and xyz
+    _stage(4, f'scoring the {len(completed)} recorded completions against the ground truth')
+    with tqdm(total=len(completed), desc='score', unit='scan') as bar:
+        rows = GroundTruth(dataset, max_range).evaluate(completed, progress=bar.update)
+    return sorted(rows, key=lambda r: r['frame']), {f.stamp_ns: f.xyz for f in completed}
 
 
 def complete_with_teacher(teacher_dir: Path, scan: np.ndarray, device: str,
@@ -229,16 +237,23 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         seconds['simulate_and_map'] = time.perf_counter() - clock
         clock = time.perf_counter()
         report = replay_drive(opts, model_dir, bag, opts.frames)
-        seconds['replay_and_score'] = time.perf_counter() - clock
+        seconds['replay'] = time.perf_counter() - clock
         replayed = report.summary()
         if not report.completed:
             output = replayed.get('node', {}).get('process_output', '')
             raise UserError('the completion node returned no completed cloud'
                             + (f'; its output:\n{output}' if output else ''))
         clock = time.perf_counter()
-        _stage(4, f'drawing one frame into {opts.out / PICTURE_FILE}')
-        row, completion = picture_frame(report)
-        shown = draw_picture(opts, folder, row, completion, config, steps, teacher_dir)
+        rows, completions = score_recording(opts.out / RECORD_DIR, opts.out / DRIVE_DIR,
+                                            config.max_range)
+        if not rows:
+            raise UserError(f'{opts.out / RECORD_DIR}: no recorded completion could be scored')
+        seconds['score'] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        _stage(5, f'drawing one scan into {opts.out / PICTURE_FILE}')
+        row = rows[len(rows) // 2]  # the middle of the drive
+        shown = draw_picture(opts, folder, row, completions[row['stamp_ns']], config, steps,
+                             teacher_dir)
         seconds['picture'] = time.perf_counter() - clock
     finally:
         if not opts.keep:
@@ -250,12 +265,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         'node': 'in its own process' if opts.separate_process else 'in this process',
         'seed': opts.seed,
         'frames': {'simulated': opts.frames, 'published': replayed['published'],
-                   'completed': replayed['completed'], 'scored': len(report.metrics)},
+                   'completed': replayed['completed'], 'scored': len(rows)},
         'latency_ms': replayed.get('latency_ms', {}),
         'node_stats': replayed.get('node', {}),
-        'quality': {k: replayed['metrics'][k] for k in QUALITY_KEYS},
+        'quality': {k: float(np.mean([r[k] for r in rows])) for k in QUALITY_KEYS},
         'quality_per_frame': [{k: r[k] for k in ('frame', 'stamp_ns', *QUALITY_KEYS)}
-                              for r in report.metrics],
+                              for r in rows],
         'picture': shown,
         'seconds': {k: round(v, 2) for k, v in seconds.items()},
         'outputs': {'summary': str(opts.out / SUMMARY_FILE),
