@@ -41,20 +41,28 @@ def _apply_map(x: Tensor, weight: Tensor, kmap: KernelMap, replicas: int) -> Ten
     return out
 
 
-def _weight_grad(x: Tensor, grad: Tensor, weight: Tensor, kmap: KernelMap,
-                 replicas: int) -> Tensor:
-    """dL/dW[k] = x[in]^T @ grad[out] for every kernel weight."""
+def _backward(x: Tensor, grad: Tensor, weight: Tensor, kmap: KernelMap, replicas: int,
+              need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dx[in] += grad[out] @ W[k]^T and dL/dW[k] = x[in]^T @ grad[out] (grad gathered once)."""
     c_in, c_out = weight.shape[1], weight.shape[2]
-    grad_w = torch.zeros_like(weight)
-    if kmap.identity is not None:
-        grad_w[kmap.identity] = x.t() @ grad
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = (grad @ weight[kmap.identity].t() if kmap.identity is not None
+                  else grad.new_zeros(kmap.n_in * replicas, c_in))
+        gx_rows = grad_x.view(kmap.n_in, replicas * c_in)
+    if need_w:
+        grad_w = torch.zeros_like(weight)
+        if kmap.identity is not None:
+            grad_w[kmap.identity] = x.t() @ grad
     x_rows = x.view(kmap.n_in, replicas * c_in)
     g_rows = grad.view(kmap.n_out, replicas * c_out)
     for k, rows_in, rows_out in kmap.pairs:
-        xs = x_rows.index_select(0, rows_in).view(-1, c_in)
         gs = g_rows.index_select(0, rows_out).view(-1, c_out)
-        grad_w[k] += xs.t() @ gs
-    return grad_w
+        if need_x:
+            gx_rows.index_add_(0, rows_in, (gs @ weight[k].t()).view(-1, replicas * c_in))
+        if need_w:
+            grad_w[k] += x_rows.index_select(0, rows_in).view(-1, c_in).t() @ gs
+    return grad_x, grad_w
 
 
 class _SparseConv(torch.autograd.Function):
@@ -68,12 +76,8 @@ class _SparseConv(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
         kmap, replicas = ctx.kmap, ctx.replicas
-        grad = grad.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _apply_map(grad, weight.transpose(1, 2), kmap.transposed(), replicas)
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(x, grad, weight, kmap, replicas)
+        grad_x, grad_w = _backward(x, grad.contiguous(), weight, kmap, replicas,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_x, grad_w, None, None
 
 

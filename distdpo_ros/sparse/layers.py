@@ -98,13 +98,14 @@ class SparseBatchNorm(nn.Module):
 
 
 class SparseReLU(nn.Module):
-    """ReLU on the features. ``inplace`` is accepted for MinkowskiEngine parity and ignored."""
+    """ReLU on the features (``inplace`` overwrites them, as MinkowskiReLU(inplace=True))."""
 
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
+        self.inplace = inplace
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.with_feats(F.relu(x.feats))
+        return x.with_feats(F.relu(x.feats, inplace=self.inplace))
 
 
 class SparseLeakyReLU(nn.Module):
