@@ -169,14 +169,18 @@ def complete_with_teacher(teacher_dir: Path, scan: np.ndarray, device: str,
     from distdpo_ros.completion import Completer
 
     completer = Completer.from_pretrained(teacher_dir, device=device)
+    print(f'completing it with the teacher {teacher_dir} ({completer.config.steps} steps)',
+          file=sys.stderr, flush=True)
     started = time.perf_counter()
-    points = completer.complete(scan, seed=seed)
+    points = completer.complete(scan, seed=seed, progress=True)
     return points, completer.config.steps, time.perf_counter() - started
 
 
 def draw_picture(opts: DemoOptions, folder: Path, row: dict[str, Any], completion: np.ndarray,
-                 config: Any, steps: int, teacher_dir: Path | None) -> dict[str, Any]:
-    """Write the Fig.-1-style PNG of one frame; return what it shows."""
+                 config: Any, steps: int, model_seconds: float,
+                 teacher_dir: Path | None) -> dict[str, Any]:
+    """Write the Fig.-1-style PNG of one scan (`model_seconds`: the node's time per scan); return
+    what it shows."""
     from distdpo_ros import metrics
     from distdpo_training.kitti import KittiSequence
     from distdpo_training.maps import load_map
@@ -188,7 +192,7 @@ def draw_picture(opts: DemoOptions, folder: Path, row: dict[str, Any], completio
     scan = sequence.scan(position)
     gt = evaluation_ground_truth(sequence, position, MapIndex(load_map(folder)),
                                  max_range=config.max_range)
-    shown: dict[str, Any] = {'frame': row['frame'], 'cd': row['cd']}
+    shown: dict[str, Any] = {'frame': row['frame'], 'cd': row['cd'], 'seconds': model_seconds}
     panels = [Panel('Input scan', crop_to_radius(scan, config.max_range)),
               Panel('Ground truth', gt)]
     if teacher_dir is not None:
@@ -198,9 +202,9 @@ def draw_picture(opts: DemoOptions, folder: Path, row: dict[str, Any], completio
         panels.append(Panel(f'Teacher · {teacher_steps} steps', points,
                             f'CD {cd:.3f} m · {seconds:.1f} s'))
         shown['teacher'] = {'path': str(teacher_dir), 'steps': teacher_steps, 'cd': cd,
-                            'seconds': seconds}
+                            'seconds_first_run': seconds}
     panels.append(Panel(f'{config.role.capitalize()} · {steps} steps (node output)', completion,
-                        f'CD {row["cd"]:.3f} m'))
+                        f'CD {row["cd"]:.3f} m · {model_seconds:.1f} s'))
     title = (f'distdpo demo · simulated drive, scan {row["frame"]} · '
              f'{config.scale} {config.role}')
     render_figure(panels, opts.out / PICTURE_FILE, title=title, seed=opts.seed)
@@ -252,8 +256,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         clock = time.perf_counter()
         _stage(5, f'drawing one scan into {opts.out / PICTURE_FILE}')
         row = rows[len(rows) // 2]  # the middle of the drive
+        timing = replayed.get('node', {}).get('model_ms') or replayed['latency_ms']
         shown = draw_picture(opts, folder, row, completions[row['stamp_ns']], config, steps,
-                             teacher_dir)
+                             timing['median'] / 1e3, teacher_dir)
         seconds['picture'] = time.perf_counter() - clock
     finally:
         if not opts.keep:
