@@ -83,7 +83,7 @@ def test_diffusion_dpo_fine_tunes_toward_the_winners(sim_dataset: Path, tmp_path
     out = tmp_path / 'run'
     assert distdpo(['train', 'diffusion-dpo', '--config', 'diffusion_dpo_tiny', '--data',
                     str(sim_dataset), '--out', str(out), '--teacher', str(teacher),
-                    '--max-steps', '15', '--set', 'lr=1e-3', '--set', 'train.val_every=0',
+                    '--max-steps', '6', '--set', 'lr=1e-3', '--set', 'train.val_every=0',
                     '--set', 'train.val_at_start=false']) == 0
     loss = [r['loss'] for r in read_log(out / 'log.jsonl')]
     assert math.isclose(loss[0], math.log(2), abs_tol=1e-3)  # the policy starts as the reference
