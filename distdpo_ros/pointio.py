@@ -216,12 +216,25 @@ def _read_pcd(path: Path, data: bytes) -> np.ndarray:
     return _xyz([cloud[n] for n in 'xyz'])
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import (os.umask can only be read by setting it)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`; on success flushed, fsynced and renamed over `path`."""
+    """A temporary file beside `path`; on success flushed, fsynced and renamed over `path`.
+
+    The file gets the usual permissions of a new file (0666 minus the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, 'wb') as handle:
             yield handle
             handle.flush()
