@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The small-scale reproduction on simulated drives, end to end, resumable at every stage:
+#   simulate -> build-maps -> train teacher -> train refine -> distill (Distillation-DPO, with
+#   score distillation and the released variant as baselines, evaluated with the teacher at 8 and
+#   50 steps on a held-out sequence) -> package the default models -> MODEL_CARD tables.
+# Usage: training/recipes/small_sim.sh [RUN_DIR]   (default: runs/small_sim)
+# Budgets (steps) are environment variables; the defaults fit about 2 hours on a 2-core CPU.
+# Interrupt it at any time and run it again: finished stages are skipped, training resumes.
+set -euo pipefail
+RUN=${1:-runs/small_sim}
+DATA=${DATA:-$RUN/data}
+SEED=${SEED:-0}
+TEACHER_STEPS=${TEACHER_STEPS:-2500}
+REFINE_STEPS=${REFINE_STEPS:-800}
+DISTILL_STEPS=${DISTILL_STEPS:-300}
+EVAL_SCANS=${EVAL_SCANS:-20}
+VARIANTS=${VARIANTS:-score,released}   # add lambda_1.05,lambda_1.2,jsd,reversed,... for all
+SHIP=${SHIP:-0}                        # 1: copy the result into distdpo_ros/default_models
+DISTDPO=${DISTDPO:-distdpo}
+mkdir -p "$RUN"
+stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+resume_flag() { [ -f "$1/state/last.safetensors" ] && echo --resume || true; }
+
+stage "1/6 simulate: sequences 00-03 (train 00-02, validate 03) and held-out 04"
+[ -d "$DATA/sequences/03/velodyne" ] || $DISTDPO simulate "$DATA" --sequences 4 --frames 200 --seed "$SEED" --overwrite
+[ -d "$DATA/sequences/04/velodyne" ] || $DISTDPO simulate "$DATA" --sequences 1 --first 4 --frames 100 --seed "$SEED" --overwrite
+
+stage "2/6 ground-truth maps"
+$DISTDPO build-maps "$DATA"
+
+stage "3/6 teacher ($TEACHER_STEPS steps)"
+$DISTDPO train teacher --config teacher_small --data "$DATA" --out "$RUN/teacher" \
+  --max-steps "$TEACHER_STEPS" --seed "$SEED" $(resume_flag "$RUN/teacher") \
+  --set train.val_every=500 --set train.val_scans=3 --set lr_decay_steps=1000
+
+stage "4/6 refinement net ($REFINE_STEPS steps), exported together with the teacher"
+$DISTDPO train refine --config refine_small --data "$DATA" --out "$RUN/refine" \
+  --teacher "$RUN/teacher/model/best" --max-steps "$REFINE_STEPS" --seed "$SEED" \
+  $(resume_flag "$RUN/refine") --set train.val_every=400 --set train.val_at_start=false
+
+stage "5/6 distillation + baselines ($DISTILL_STEPS steps each), evaluated on held-out 04"
+$DISTDPO ablate distill --teacher "$RUN/refine/model/last" --data "$DATA" --out "$RUN/ablate" \
+  --config distill_small --max-steps "$DISTILL_STEPS" --variants "$VARIANTS" --sequences 04 \
+  --limit "$EVAL_SCANS" --refine --seed "$SEED"
+
+stage "6/6 package"
+if [ "$SHIP" = 1 ]; then
+  python - "$RUN" <<'PY'
+import shutil, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+dest = Path('distdpo_ros/default_models')
+for name, src in (('student', run / 'ablate/runs/dpo/model/last'),
+                  ('teacher', run / 'refine/model/last')):
+    target = dest / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(src, target)
+    print(f'shipped {src} -> {target}')
+PY
+fi
+cp "$RUN/ablate/ablation.md" "$RUN/model_card_tables.md"
+echo "tables: $RUN/model_card_tables.md"
