@@ -186,6 +186,9 @@ class Engine:
         self.steps_per_epoch = sampler.batches_per_epoch
         workers = cfg.num_workers if cfg.num_workers >= 0 else (
             2 if self.device.type == 'cuda' else 0)
+        preload = getattr(train_set, 'preload', None)
+        if workers > 0 and preload is not None:
+            preload()  # load shared data (e.g. maps) once, before the workers fork
         loader = DataLoader(SeededItems(train_set, cfg.seed), batch_size=sampler.local_batch,
                             sampler=sampler, collate_fn=indexed_collate(collate),
                             num_workers=workers, pin_memory=self.device.type == 'cuda',
