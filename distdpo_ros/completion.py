@@ -209,7 +209,7 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
         raise UserError(f'guidance must be a finite number, got {guidance}')
     lam = config.init_noise_scale if init_noise_scale is None else float(init_noise_scale)
     run = make_solver(solver, NoiseSchedule.from_config(config), steps)  # fresh for every call
-    clock = _StageClock(scan.device, timings)
+    clock = StageClock(scan.device, timings)
     denoiser = GuidedDenoiser(net, scan, guidance, batched=batched_guidance,
                               cache_condition=encoder_once)
     clock.lap('encode')
@@ -275,7 +275,7 @@ class Completer:
         if refine and self.bundle.refine is None:
             raise UserError('refine=True but this model has no refinement weights')
         config = self.config
-        clock = _StageClock(self.device, timings)
+        clock = StageClock(self.device, timings)
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -297,8 +297,8 @@ class Completer:
             return completed.float().cpu().numpy()
 
 
-class _StageClock:
-    """Wall time per stage into `timings` (synchronising CUDA first); a no-op without a dict."""
+class StageClock:
+    """Wall time per stage added into a `timings` dict (CUDA synchronised first); no-op without."""
 
     def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
         self.timings = timings
@@ -320,7 +320,7 @@ class _StageClock:
 
 
 __all__: Sequence[str] = (
-    'CANDIDATES_PER_POINT', 'MIN_SCAN_POINTS', 'Completer', 'farthest_point_sample',
+    'CANDIDATES_PER_POINT', 'MIN_SCAN_POINTS', 'Completer', 'StageClock', 'farthest_point_sample',
     'initial_cloud', 'postprocess', 'preprocess', 'refine_points', 'resolve_device', 'sample',
     'subsample_scan', 'synthetic_scan', 'valid_points', 'voxel_candidates',
 )

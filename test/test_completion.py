@@ -363,13 +363,30 @@ def test_cli_completes_a_real_scan(model_dir: Path, shared_data: Path, tmp_path:
 
 def test_bench_sampling_prints_the_json_contract(model_dir: Path, capsys) -> None:
     code = cli.main(['bench', 'sampling', '--json', '--model', str(model_dir), '--steps',
-                     '1,2,8,50', '--repeats', '1', '--threads', '1', '--device', 'cpu'])
+                     '1,2,8,50', '--repeats', '1', '--threads', '1', '--device', 'cpu',
+                     '--anchored'])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result['scale'] == 'tiny' and result['device'].startswith('cpu')
-    assert set(result['seconds']) == {'1', '2', '8', '50'}
-    assert all(v > 0 for v in result['seconds'].values())
-    assert result['ratios_to_50']['50'] == 1.0
-    assert 0 < result['fixed_fraction_of_8_steps'] < 1
-    assert set(result['savings_off_8_steps']) == {'encoder_every_step',
-                                                  'separate_guidance_passes', 'both_off'}
+    assert 0 < result['sampler_overhead_per_step'] < result['seconds']['1']
+    for section in (result, result['anchored']):
+        assert set(section['seconds']) == {'1', '2', '8', '50'}
+        assert section['seconds']['1'] < section['seconds']['50']
+        assert section['ratios_to_50']['50'] == 1.0
+        assert 0 < section['fixed_fraction_of_8_steps'] < 1
+        assert set(section['savings_off_8_steps']) == {'encoder_every_step',
+                                                       'separate_guidance_passes', 'both_off'}
+        assert set(section['goals']) == {'t50/t8 >= 6.0', 't50/t1 >= 40',
+                                         'fixed < 10% of 8 steps'}
+
+
+def test_anchored_trajectory_stays_at_the_scan(bundle, scan: np.ndarray) -> None:
+    """The bench's stand-in for a trained model lands on the scan (within sigma_0)."""
+    from distdpo_ros.commands.bench_sampling import anchored_complete
+
+    stages: dict[str, float] = {}
+    out = anchored_complete(Completer(bundle), scan, 8, 3.5, stages)
+    scan_points = preprocess(scan, MICRO)
+    nearest = np.sqrt(((out[:, None] - scan_points[None]) ** 2).sum(-1)).min(1)
+    assert len(out) > 0.8 * MICRO.full_points and nearest.max() < 0.05
+    assert set(stages) == {'preprocess', 'encode', 'denoise', 'postprocess'}
