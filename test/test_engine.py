@@ -226,6 +226,35 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     assert np.allclose([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)], rtol=1e-5)
 
 
+def test_torchrun_sigterm_stops_all_ranks_at_one_step_and_resumes(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers: they agree on the step, save, and a resumed
+    2-process run repeats the losses of one uninterrupted process."""
+    assert train(tmp_path / 'one', 12) == 0
+    out = tmp_path / 'two'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+           '2', __file__, str(out), '12']
+    env = dict(os.environ, GLOO_SOCKET_IFNAME='lo', OMP_NUM_THREADS='1', TOY_STEP_SECONDS='0.4')
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / 'log.jsonl').exists() or \
+            len(read_log(out / 'log.jsonl')) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail('torchrun did not stop after SIGTERM')
+    assert 'continue with --resume' in err
+    state = load_state(out / 'state' / 'last.safetensors')
+    assert state['world_size'] == 2 and 3 <= state['step'] < 12
+    run_torchrun(cmd + ['last'])
+    one, two = losses(tmp_path / 'one'), losses(out)
+    assert sorted(two) == list(range(1, 13))
+    assert np.allclose([one[s] for s in one], [two[s] for s in one], rtol=1e-5)
+
+
 if __name__ == '__main__':
     sys.exit(train(Path(sys.argv[1]), int(sys.argv[2]),
                    resume=sys.argv[3] if len(sys.argv) > 3 else None))

@@ -99,7 +99,6 @@ class Engine:
         self.steps_per_epoch = 1
         self.best: float | None = None
         self._stop_signal: int | None = None
-        self._saved_step = -1
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
@@ -204,12 +203,13 @@ class Engine:
                    disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
         sums: dict[str, torch.Tensor] = {}
         count, data_s, step_s = 0, 0.0, 0.0
+        stopped = False  # agreed by all ranks, so that they stop after the same step
         try:
             if self.resume_from is not None and self.is_main:
                 log.write(self.step, {'resumed_from': str(self.resume_from)}, kind='event')
             if cfg.val_at_start and self.step == 0 and self.resume_from is None:
                 self._validate(task, val_set, log)
-            while self.step < cfg.max_steps and self._stop_signal is None:
+            while self.step < cfg.max_steps and not stopped:
                 sampler.set_position(self.epoch, self.batch_in_epoch)
                 t_data = time.perf_counter()
                 for indices, batch in loader:
@@ -238,31 +238,27 @@ class Engine:
                     final = self.step >= cfg.max_steps
                     if cfg.val_every and (self.step % cfg.val_every == 0 or final):
                         self._validate(task, val_set, log)
-                    stopping = D.any_rank(self._stop_signal is not None, d)
-                    if self.step % cfg.ckpt_every == 0 or stopping or final:
+                    stopped = D.any_rank(self._stop_signal is not None, d)
+                    if self.step % cfg.ckpt_every == 0 or stopped or final:
                         self._save(task, 'last')
-                    if stopping:
-                        self._stop_signal = self._stop_signal or signal.SIGTERM
-                        break
-                    if final:
+                    if stopped or final:
                         break
                     t_data = time.perf_counter()
                 else:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-            if self._stop_signal is not None and self._saved_step != self.step:
-                self._save(task, 'last')  # stopped before the first step (e.g. in validation)
         finally:
             bar.close()
             log.close()
             self._restore_signal_handlers(previous_handlers)
             D.barrier(d)
-        if self._stop_signal is not None:
+        if stopped:
+            signum = self._stop_signal or signal.SIGTERM  # another rank may have received it
             if self.is_main:
-                print(f'distdpo: stopped by {signal.Signals(self._stop_signal).name} at step '
+                print(f'distdpo: stopped by {signal.Signals(signum).name} at step '
                       f'{self.step}; state saved to {self.out / "state" / "last.safetensors"} '
                       '(continue with --resume)', file=sys.stderr)
-            return 128 + int(self._stop_signal)
+            return 128 + int(signum)
         return 0
 
     def close(self) -> None:
@@ -404,8 +400,6 @@ class Engine:
             save_state(target, state)
             info = {'step': self.step, 'epoch': self.epoch, 'loop': self.loop, 'best': self.best}
             task.export(self, self.out / 'model' / tag, info)
-        if tag == 'last':
-            self._saved_step = self.step
         D.barrier(self.dist)
 
     def _load(self, path: Path) -> None:
