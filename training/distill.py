@@ -43,8 +43,7 @@ import torch
 from torch import nn
 
 from distdpo_ros.checkpoint import ModelBundle, load_model, save_model
-from distdpo_ros.completion import _StageClock as StageClock
-from distdpo_ros.completion import initial_cloud
+from distdpo_ros.completion import StageClock, initial_cloud
 from distdpo_ros.config import ModelConfig
 from distdpo_ros.diffusion import NoiseSchedule, make_solver
 from distdpo_ros.errors import UserError
