@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     completed = completer.complete(points, steps=steps, guidance=guidance, refine=args.refine,
                                    seed=None if args.seed < 0 else args.seed,
                                    solver=args.solver, progress=True)
-    _say(f'completed {args.input.name} with {steps} steps, guidance {guidance:g}'
-         f'{", refined" if args.refine else ""}: {len(completed)} points in '
+    _say(f'completed {args.input.name} with {steps} step{"s" * (steps != 1)}, guidance '
+         f'{guidance:g}{", refined" if args.refine else ""}: {len(completed)} points in '
          f'{time.perf_counter() - started:.2f} s')
     write_points(out, completed, binary=not args.ascii)
     _say(f'wrote {out}')
