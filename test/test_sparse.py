@@ -16,6 +16,7 @@ from distdpo_ros.sparse import (
     SparseTensor,
     cat,
     nearest_reference,
+    neighbours,
     quantize,
 )
 
@@ -219,7 +220,11 @@ def _brute_nearest(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_nearest_reference_is_exact_per_batch_item() -> None:
+@pytest.mark.parametrize('pairs_per_chunk', [None, 97])
+def test_nearest_reference_is_exact_per_batch_item(pairs_per_chunk: int | None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if pairs_per_chunk:
+        monkeypatch.setattr(neighbours, '_PAIRS', pairs_per_chunk)
     g = torch.Generator().manual_seed(5)
     ref = torch.cat([torch.randint(0, 2, (60, 1), generator=g),
                      torch.randint(-6, 6, (60, 3), generator=g) * 16], 1)
