@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -216,6 +217,21 @@ def test_refine_net_offsets() -> None:
         off = net(pts)
     assert off.shape == (2, 200, net.up_factor, 3)
     assert off.abs().max().item() <= 1.0
+
+
+def test_bench_backbone_prints_measurements(capsys: pytest.CaptureFixture[str]) -> None:
+    from distdpo_ros.cli import main
+
+    code = main(['bench', 'backbone', '--scales', 'tiny', '--runs', '1', '--timesteps', '999,5',
+                 '--train', '--threads', '1', '--json'])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    (tiny,) = report['results']
+    assert tiny['scale'] == 'tiny' and tiny['points'] == preset('tiny').full_points
+    assert [e['t'] for e in tiny['timesteps']] == [999, 5]
+    assert all(e['voxels'] > 0 and e['wall_s'] > 0 for e in tiny['timesteps'])
+    assert tiny['train_step']['batch'] == 2 and tiny['train_step']['wall_s'] > 0
+    assert main(['bench', 'backbone', '--scales', 'huge']) == 2
 
 
 @pytest.mark.skipif(not minkowski.available(),

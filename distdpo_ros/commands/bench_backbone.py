@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='scan file (.bin .ply .pcd .npy) to tile like the reference; '
                              'default: the built-in synthetic street scan')
     parser.add_argument('--scales', default='full,small', metavar='LIST',
-                        help=f'comma-separated scales from {SCALES} (default: full,small)')
+                        help=f'comma-separated scales from {SCALES} (default: full,small); '
+                             'full on a CPU takes about a minute per measured forward')
     parser.add_argument('--device', default='auto',
                         help='auto (CUDA when available, else CPU), cpu, cuda or cuda:N '
                              '(default: auto)')
@@ -163,19 +164,32 @@ def _steps(text: str, limit: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distdpo_ros.completion import resolve_device
-    from distdpo_ros.sparse import minkowski
-
     scales = [s.strip() for s in args.scales.split(',') if s.strip()]
     unknown = [s for s in scales if s not in SCALES]
     if unknown or not scales:
         raise UserError(f'--scales must name scales from {SCALES}, got {args.scales!r}')
     if args.runs < 1 or args.train_batch < 1:
         raise UserError('--runs and --train-batch must be at least 1')
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError('--threads must be at least 1')
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UserError('--threads must be at least 1')
+    previous_threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        report = _measure_all(scales, args)
+    finally:
+        torch.set_num_threads(previous_threads)  # callers in the same process keep theirs
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _measure_all(scales: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    from distdpo_ros.completion import resolve_device
+    from distdpo_ros.sparse import minkowski
+
     device = resolve_device(args.device)
     raw_scan = _scan(args.scan)
     steps = _steps(args.timesteps, preset('full').num_train_timesteps)
@@ -190,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
         'results': [measure_scale(s, raw_scan, device, args, progress) for s in scales]}
     progress.close()
     report['load_average_after'] = [round(v, 2) for v in os.getloadavg()]
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+    return report
+
+
+def _print_table(report: dict[str, Any]) -> None:
     print(f"device {report['device']}, torch {report['torch']}, {report['threads']} threads, "
           f"load average {report['load_average']}, scan {report['scan']}")
     for r in report['results']:
@@ -208,4 +223,3 @@ def run(args: argparse.Namespace) -> int:
             ts = r['train_step']
             print(f"  training step (batch {ts['batch']}): {ts['wall_s']:.3f} s wall, "
                   f"{ts['cpu_s']:.3f} s cpu")
-    return 0
