@@ -69,7 +69,10 @@ def setup(device: str = 'auto', timeout_minutes: float = 60.0) -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group together (a rank tearing gloo down while another still talks
+    to it can abort the process)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -19,6 +19,7 @@ Run folder (OUT):
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -262,6 +263,12 @@ class Engine:
         return 0
 
     def close(self) -> None:
+        """Release the DDP wrappers (their reducers use the process group), then leave it."""
+        self.wrapped.clear()
+        self.modules.clear()
+        self.optimizers.clear()
+        self.schedulers.clear()
+        gc.collect()
         D.teardown()
 
     # ---- internals ---------------------------------------------------------------------------
