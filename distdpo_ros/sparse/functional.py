@@ -2,11 +2,13 @@
 
 For each kernel weight ``k`` with pairs (in rows, out rows): ``out[out_rows] += x[in_rows] @
 W[k]``; the identity weight (centre of a submanifold conv) is one dense ``x @ W[k]``. This does
-exactly the multiply-adds of the pairs that exist. On this project's 2-core CPU it measured faster
-than an im2col gather into an (N, 27 * C_in) matrix (which multiplies zeros for every missing
-neighbour, 3-10x more work on LiDAR voxels with 1-19 of 27 neighbours present), than one gather of
-all pairs followed by a single scatter (memory-bound on big layers), and than padded batched GEMMs;
-see the issue note for numbers.
+exactly the multiply-adds of the pairs that exist. Measured per layer on this project's 2-core CPU
+(one thread, real KITTI voxels of the small and full scales, 1-19 of 27 neighbours present): an
+im2col gather into an (N, 27 * C_in) matrix with a zero row for missing neighbours was 3-10x
+slower (it multiplies every missing neighbour); one gather of all pairs with one scatter, and
+padded batched GEMMs, were 0.7-1.5x the time of this loop: faster on the sparse fine levels,
+slower on the dense coarse levels that dominate the network. At the full scale the loop's GEMMs
+run at 45-68 GFLOP/s on one core, 87 % of a forward.
 
 Features may hold R replicas of the geometry, voxel-major: row ``v * R + r`` is voxel ``v`` of
 replica ``r``. Viewing them as (N, R * C) lets one index operation serve all replicas with one
