@@ -270,3 +270,20 @@ def test_layers_match_minkowski_engine() -> None:
     ours_rows = {tuple(c): f for c, f in zip(y.coords.tolist(), y.feats, strict=True)}
     for c, f in zip(y_me.C.tolist(), y_me.F, strict=True):
         assert (ours_rows[tuple(c)] - f).abs().max().item() < TOL
+
+
+def test_bf16_autocast_forward_and_backward_reach_the_fp32_weights():
+    """Mixed precision (the engine's GPU default, bf16 autocast) must train: the custom sparse
+    convolution casts weights and gradients to the features' dtype and back."""
+    from distdpo_ros.config import preset
+    from distdpo_ros.models import DiffusionNet
+
+    torch.manual_seed(0)
+    net = DiffusionNet(preset('tiny'))
+    scan = torch.randn(1, 100, 3) * 8
+    x_t = scan.repeat(1, 4, 1) + 0.3 * torch.randn(1, 400, 3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        eps = net(x_t, torch.tensor([500]), net.encode(scan))
+    (eps.float() ** 2).mean().backward()
+    grad = net.denoiser.stem[0].kernel.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0

@@ -78,7 +78,7 @@ class _SparseConv(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
         kmap, replicas = ctx.kmap, ctx.replicas
-        grad_x, grad_w = _backward(x, grad.contiguous(), weight, kmap, replicas,
+        grad_x, grad_w = _backward(x, grad.to(x.dtype).contiguous(), weight, kmap, replicas,
                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_x, grad_w, None, None
 
@@ -91,4 +91,6 @@ def sparse_conv(x: Tensor, weight: Tensor, kmap: KernelMap, replicas: int = 1) -
     if x.shape[0] != kmap.n_in * replicas:
         raise ValueError(f'features have {x.shape[0]} rows, the kernel map expects '
                          f'{kmap.n_in} voxels x {replicas} replicas')
-    return _SparseConv.apply(x.contiguous(), weight, kmap, replicas)
+    # under autocast features may be bf16/fp16 while the weight is fp32: compute in the features'
+    # dtype (the cast is differentiable, so the fp32 weight still receives its gradient)
+    return _SparseConv.apply(x.contiguous(), weight.to(x.dtype), kmap, replicas)
