@@ -255,7 +255,11 @@ class DistillTask:
             with engine.autocast():
                 eps_hat = self.student(x_init_p + residual, t_batch, cond_p).float()
             residual = solver.step(eps_hat, residual, noise)
-        return x_init_p + residual, x_init
+        # A one-step sample amplifies the x0 estimate x5.8 at t = T: where an immature student's
+        # noise prediction is far off, points can land kilometres away, beyond what the networks
+        # can voxelise. Clamp them into a box of twice the model's range (no gradient there).
+        bound = 2.0 * self.model.max_range
+        return (x_init_p + residual).clamp(-bound, bound), x_init
 
     def train_step(self, engine: Engine, batch: dict[str, Any], gens: list[torch.Generator]
                    ) -> dict[str, torch.Tensor]:
