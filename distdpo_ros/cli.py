@@ -1,8 +1,9 @@
 """The `distdpo` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this
-file only maps names to modules, imported lazily so that `distdpo --help` is instant and the vehicle
-runtime never imports the offline pipeline. Bad input raises UserError: one line on stderr, exit 2.
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+this file only maps names to modules, imported lazily so that `distdpo --help` is instant and the
+vehicle runtime never imports the offline pipeline. Bad input raises UserError: one line on
+stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ _TR = 'distdpo_training.commands.'
 
 # name -> (module, one-line help). Groups ("bench", "train", "ablate") take a second word.
 COMMANDS: dict[str, tuple[str, str]] = {
-    'complete': (_RT + 'complete', 'complete a scan file (.bin .ply .pcd .npy) into a dense cloud'),
-    'import-ckpt': (_RT + 'import_ckpt', 'convert a LiDiff / Distillation-DPO .ckpt to our format'),
+    'complete': (_RT + 'complete', 'complete a scan file (.bin .ply .pcd .npy), dense cloud out'),
+    'import-ckpt': (_RT + 'import_ckpt', 'convert a LiDiff / Distillation-DPO .ckpt to ours'),
     'simulate': (_TR + 'simulate', 'simulate HDL-64E drives in the SemanticKITTI layout (+ bags)'),
     'build-maps': (_TR + 'build_maps', 'build the per-sequence static ground-truth maps'),
     'kitti2bag': (_TR + 'kitti2bag', 'write a SemanticKITTI sequence as a rosbag2 (MCAP/sqlite3)'),

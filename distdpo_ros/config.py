@@ -1,8 +1,8 @@
 """Model configuration: the numbers a checkpoint carries so that any command can use it unchanged.
 
-A checkpoint directory holds `config.json` (this dataclass) and the weights as safetensors, see
-:mod:`distdpo_ros.checkpoint`. `full` is the paper's scale (LiDiff/Distillation-DPO weights), `small`
-is the CPU scale used for the shipped default model, `tiny` is for tests.
+A checkpoint directory holds `config.json` (this dataclass) and the weights as safetensors,
+see :mod:`distdpo_ros.checkpoint`. `full` is the paper's scale (LiDiff/Distillation-DPO
+weights), `small` is the CPU scale used for the shipped default model, `tiny` is for tests.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class ModelConfig:
     beta_end: float = 0.007
     num_train_timesteps: int = 1000
     steps: int = 50  # default sampler steps
-    guidance: float = 6.0  # classifier-free guidance weight w (eps_u + w * (eps_c - eps_u))
+    guidance: float = 6.0  # classifier-free guidance weight w: eps_u + w * (eps_c - eps_u)
     init_noise_scale: float = 1.0  # lambda in x_T = x_init + lambda * eps
-    refine_up_factor: int = 6  # offsets per point of the refinement net (18 = 3 * 6 outputs)
+    refine_up_factor: int = 6  # offsets per point of the refinement net (3 x 6 outputs)
     has_refine: bool = False  # whether the checkpoint carries refinement weights
     notes: dict[str, Any] = field(default_factory=dict)  # provenance: source, training run, metrics
 

@@ -1,4 +1,4 @@
-"""The one error type for bad user input; the CLI prints it as a single line and exits with code 2."""
+"""The one error type for bad user input; the CLI prints it as one line and exits with code 2."""
 
 
 class UserError(Exception):
