@@ -39,7 +39,7 @@ class ModelConfig:
     init_noise_scale: float = 1.0  # lambda in x_T = x_init + lambda * eps
     refine_up_factor: int = 6  # offsets per point of the refinement net (3 x 6 outputs)
     has_refine: bool = False  # whether the checkpoint carries refinement weights
-    notes: dict[str, Any] = field(default_factory=dict)  # provenance: source, training run, metrics
+    notes: dict[str, Any] = field(default_factory=dict)  # provenance: source, run, metrics
 
     @property
     def full_points(self) -> int:
