@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    """Every test runs torch on one thread (tiny tensors; see OMP_NUM_THREADS above), also when the
+    caller's environment set more."""
+    torch = pytest.importorskip('torch')
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope='session')
 def shared_data() -> Path:
     """The real KITTI data beside the checkout (../shared/data); skip when it is absent."""

@@ -282,16 +282,6 @@ def test_load_model_builds_networks_in_eval_mode(tmp_path, tiny):
     assert_same_tensors(ckpt.load_checkpoint(tmp_path / 'again')[1], tensors)
 
 
-@pytest.fixture
-def one_thread():
-    """Run tiny networks on one thread: on a loaded 2-core machine, OpenMP workers waiting for
-    each other made a 0.1 s forward take 30 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_saved_and_loaded_network_computes_the_same(tmp_path, one_thread):
     from distdpo_ros.models import DiffusionNet
 

@@ -31,15 +31,6 @@ TINY = preset('tiny', 'student')
 MICRO = TINY.replace(scan_points=64, replication=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: extra threads only add synchronisation (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # A small conditional noise predictor with the DiffusionNet interface, counting its calls
 # ---------------------------------------------------------------------------------------------

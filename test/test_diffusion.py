@@ -29,15 +29,6 @@ diffusers = pytest.importorskip('diffusers')
 SCHEDULE = NoiseSchedule(3.5e-5, 0.007, 1000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: extra threads only add synchronisation (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_eps(sample: torch.Tensor, t: int) -> torch.Tensor:
     """A smooth, state-dependent stand-in for a network's noise prediction."""
     return torch.tanh(0.8 * sample + 0.3 * math.sin(t / 97.0)) + 0.1 * torch.cos(3.0 * sample)

@@ -23,17 +23,6 @@ from distdpo_ros.models import (
 )
 from distdpo_ros.sparse import SparseTensor, cat, minkowski, quantize
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small ops on a shared, busy CPU: two OpenMP threads waiting on each other cost more than
-    they save (measured 10x slower forwards of the tiny preset), so these tests use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 PARAMETERS = {'MinkUNetDiff': 24_174_515, 'MinkGlobalEnc': 8_497_952,
               'MinkUNet_refine': 21_722_926}
 

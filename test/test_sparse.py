@@ -20,17 +20,6 @@ from distdpo_ros.sparse import (
     quantize,
 )
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small ops on a shared, busy CPU: two OpenMP threads waiting on each other cost more than
-    they save (measured 10x slower forwards of the tiny preset), so these tests use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TOL = 1e-4
 
 
