@@ -4,7 +4,6 @@ trains, exports a student the Completer loads and resumes exactly."""
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from distdpo_training.distill import (
     rank_pairs,
     surrogate_loss,
 )
+from distdpo_training.engine import read_log
 
 
 def _teacher(seed: int = 0) -> ModelBundle:
@@ -165,8 +165,7 @@ def _run(tmp: Path, data: Path, teacher: Path, steps: int, resume: bool = False,
 
 
 def _losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
-    return [r['student_loss'] for r in rows if 'student_loss' in r]
+    return [r['student_loss'] for r in read_log(run / 'log.jsonl')]
 
 
 def test_short_run_exports_a_student_and_resumes_exactly(sim_dataset, tmp_path):

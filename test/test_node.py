@@ -404,12 +404,9 @@ def test_two_processes_console_script_answers_and_stops_cleanly_on_ctrl_c(
         _assert_plausible(pc.cloud_to_xyz(outputs[0], remove_nonfinite=False),
                           preset('tiny', 'student'))
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        from distdpo_training.replay import stop_node_process
+
+        out = stop_node_process(proc)
         executor.shutdown(timeout_sec=2)
         client.destroy_node()
     assert proc.returncode == 0, out

@@ -23,6 +23,7 @@ from typing import Any
 from distdpo_ros.cli import main as distdpo
 from distdpo_ros.errors import UserError
 from distdpo_ros.pointio import atomic_writer
+from distdpo_training.engine import read_log
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ def _finished(run: Path, max_steps: int) -> bool:
     log = run / 'log.jsonl'
     if not (run / 'model' / 'last' / 'config.json').is_file() or not log.is_file():
         return False
-    steps = [json.loads(line).get('step', 0) for line in log.read_text().splitlines() if line]
-    return bool(steps) and max(steps) >= max_steps
+    records = read_log(log)
+    return bool(records) and records[-1]['step'] >= max_steps
 
 
 def train_variant(variant: Variant, args: Any) -> Path:
