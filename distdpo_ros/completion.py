@@ -214,17 +214,24 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
                               cache_condition=encoder_once)
     clock.lap('encode')
     x_init = initial_cloud(scan, config.replication)
-    # Early steps amplify the x0 estimate (x5.8 at t = T), so a model's outliers can land far
-    # outside the scene, beyond what the voxel keys hold. The network sees them clamped to a box
-    # of twice the model's range; the solver keeps their true positions (post-processing crops).
-    bound = 2.0 * config.max_range
-
+    # The network sees outliers clamped (see clamp_to_scene_box); the solver keeps their true
+    # positions and post-processing crops them.
     def bounded(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoiser(x_t.clamp(-bound, bound), t)
+        return denoiser(clamp_to_scene_box(x_t, config.max_range), t)
 
     out = sample_residual(bounded, x_init, run, generators, lam, progress=progress)
     clock.lap('denoise')
     return out
+
+
+def clamp_to_scene_box(points: torch.Tensor, max_range: float) -> torch.Tensor:
+    """Clamp points into the box of twice the model's range, which the voxel keys can hold.
+
+    Early solver steps amplify the x0 estimate (x5.8 at t = T), so where a model's noise
+    prediction is far off, points can land kilometres outside the scene.
+    """
+    bound = 2.0 * max_range
+    return points.clamp(-bound, bound)
 
 
 def postprocess(points: torch.Tensor, x_init: torch.Tensor, max_range: float) -> torch.Tensor:

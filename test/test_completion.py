@@ -17,6 +17,7 @@ from distdpo_ros.completion import (
     initial_cloud,
     postprocess,
     preprocess,
+    sample,
     subsample_scan,
     synthetic_scan,
     valid_points,
@@ -199,6 +200,26 @@ def test_encoder_once_and_one_batched_pass_per_step(toy: Completer, scan: np.nda
     net.encodes, net.batches = 0, []
     toy.complete(scan, steps=8, guidance=1.0, seed=0)
     assert net.encodes == 1 and net.batches == [1] * 8  # w = 1: conditional branch only
+
+
+class WildNet(ToyNet):
+    """Predicts noise 1000x too large and records the largest |coordinate| it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest_input = 0.0
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: ToyCondition) -> torch.Tensor:
+        self.largest_input = max(self.largest_input, float(x_t.abs().max()))
+        return 1e3 * torch.ones_like(x_t)
+
+
+def test_outliers_reach_the_network_clamped_to_twice_the_range(scan: np.ndarray) -> None:
+    net = WildNet()
+    scans = torch.from_numpy(preprocess(scan, TINY))[None]
+    raw = sample(net, scans, TINY, steps=4, guidance=1.0)
+    assert float(raw.abs().max()) > 2 * TINY.max_range  # the solver keeps true positions
+    assert 0 < net.largest_input <= 2 * TINY.max_range
 
 
 def test_scene_order_does_not_change_results(toy: Completer) -> None:

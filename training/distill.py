@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from distdpo_ros.checkpoint import ModelBundle, load_model, save_model
-from distdpo_ros.completion import StageClock, initial_cloud
+from distdpo_ros.completion import StageClock, clamp_to_scene_box, initial_cloud
 from distdpo_ros.config import ModelConfig
 from distdpo_ros.diffusion import NoiseSchedule, make_solver
 from distdpo_ros.errors import UserError
@@ -255,11 +255,8 @@ class DistillTask:
             with engine.autocast():
                 eps_hat = self.student(x_init_p + residual, t_batch, cond_p).float()
             residual = solver.step(eps_hat, residual, noise)
-        # A one-step sample amplifies the x0 estimate x5.8 at t = T: where an immature student's
-        # noise prediction is far off, points can land kilometres away, beyond what the networks
-        # can voxelise. Clamp them into a box of twice the model's range (no gradient there).
-        bound = 2.0 * self.model.max_range
-        return (x_init_p + residual).clamp(-bound, bound), x_init
+        # An immature student's one-step sample can land kilometres away (no gradient there).
+        return clamp_to_scene_box(x_init_p + residual, self.model.max_range), x_init
 
     def train_step(self, engine: Engine, batch: dict[str, Any], gens: list[torch.Generator]
                    ) -> dict[str, torch.Tensor]:
