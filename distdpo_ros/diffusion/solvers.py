@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,15 @@ class Solver(Protocol):
     def step(self, eps: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Move `sample` from the current timestep to the next, given the predicted noise."""
         ...
+
+
+def _data_prediction(steps: list[Any], index: int, eps: torch.Tensor, sample: torch.Tensor
+                     ) -> torch.Tensor:
+    """D_t = (r_t - sigma_t eps) / alpha_t at step `index` of a run (an error past the last)."""
+    if index >= len(steps):
+        raise RuntimeError('this solver run is finished; build a new solver for a new sample')
+    c = steps[index]
+    return torch.add(sample, eps, alpha=-c.sigma).div_(c.alpha)
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,8 @@ class DPMSolverSDE:
         self._prev_data: torch.Tensor | None = None
 
     def step(self, eps: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self._index >= len(self._steps):
-            raise RuntimeError('this solver run is finished; build a new solver for a new sample')
+        data = _data_prediction(self._steps, self._index, eps, sample)
         c = self._steps[self._index]
-        data = torch.add(sample, eps, alpha=-c.sigma).div_(c.alpha)
         out = sample * c.c_sample
         if c.second_order:
             out.add_(data, alpha=c.c_data2).add_(self._prev_data, alpha=c.c_prev)
@@ -131,10 +138,8 @@ class DDPMAncestral:
         self._index = 0
 
     def step(self, eps: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self._index >= len(self._steps):
-            raise RuntimeError('this solver run is finished; build a new solver for a new sample')
+        data = _data_prediction(self._steps, self._index, eps, sample)
         c = self._steps[self._index]
-        data = torch.add(sample, eps, alpha=-c.sigma).div_(c.alpha)
         out = sample * c.c_sample
         out.add_(data, alpha=c.c_data)
         if c.std > 0:
