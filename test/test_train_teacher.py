@@ -51,7 +51,9 @@ def test_teacher_learns_and_exports_a_model_the_completer_loads(sim_dataset: Pat
     out = completer.complete(scan, steps=2, seed=0)
     assert out.ndim == 2 and out.shape[1] == 3 and len(out) > 0
     best = Completer.from_pretrained(tmp_path / 'model' / 'best', device='cpu')
-    assert best.config.notes['best'] == min(r['cd'] for r in val)
+    trained = [r for r in val if r['step'] > 0]  # the untrained start is never model/best
+    assert best.config.notes['best'] == min(r['cd'] for r in trained)
+    assert best.config.notes['step'] == min(trained, key=lambda r: r['cd'])['step']
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(sim_dataset: Path, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class EngineConfig:
     log_every: int = 10  # steps between log lines (losses averaged over the interval and ranks)
     ckpt_every: int = 200  # steps between training-state checkpoints (and the `last` model)
     val_every: int = 500  # steps between validations; 0 disables them
-    val_at_start: bool = True  # validate once before the first step (the start of the curve)
+    val_at_start: bool = True  # validate before the first step (curve start; never model/best)
     val_scans: int = 4  # validation scans, shared out over the ranks
     tensorboard: bool = True  # also log to OUT/tensorboard when tensorboard is installed
 

@@ -358,7 +358,10 @@ class Engine:
             metrics = {}
         metrics['seconds'] = time.perf_counter() - t0
         log.write(self.step, metrics, kind='val')
-        score = metrics.get(task.best_metric)
+        # Before the first step, the score is the curve's starting point, not a candidate:
+        # an untrained diffusion model that leaves the scan in place can beat a half-trained one
+        # on Chamfer distance, and model/best must be a trained model.
+        score = metrics.get(task.best_metric) if self.step > 0 else None
         if score is not None and math.isfinite(score) and self._is_better(score, task):
             self.best = score
             self._save(task, 'best')
