@@ -37,8 +37,9 @@ $DISTDPO train teacher --config teacher_small --data "$DATA" --out "$RUN/teacher
   --set train.val_every=500 --set train.val_scans=3 --set lr_decay_steps=1000
 
 stage "4/7 refinement net ($REFINE_STEPS steps), exported together with the teacher"
+# The teacher at the end of its budget: 3 validation scans are too few to pick a checkpoint by.
 $DISTDPO train refine --config refine_small --data "$DATA" --out "$RUN/refine" \
-  --teacher "$RUN/teacher/model/best" --max-steps "$REFINE_STEPS" --seed "$SEED" \
+  --teacher "$RUN/teacher/model/last" --max-steps "$REFINE_STEPS" --seed "$SEED" \
   $(resume_flag "$RUN/refine") --set train.val_every=400 --set train.val_at_start=false
 
 stage "5/7 distillation + baselines ($DISTILL_STEPS steps each), evaluated on held-out 04"
