@@ -110,9 +110,11 @@ def test_paced_replay_keeps_only_the_newest_scan_when_the_model_is_slow(dataset)
     report = replay(ReplayOptions(bag=bag, rate=2.0, wait=10), SlowEcho(delay=0.4))
     summary = report.summary()
     # 4 scans 50 ms apart at rate 2 against a 0.4 s model: the first and the last get done.
+    # Every scan the node received was completed or dropped for a newer one; on a loaded
+    # machine the subscription's keep-last history may also replace one before it arrives.
     assert summary['published'] == FRAMES
     assert summary['completed'] < FRAMES
-    assert summary['node']['dropped'] == FRAMES - summary['completed']
+    assert summary['node']['dropped'] == summary['node']['received'] - summary['completed']
     assert report.completed[-1].stamp_ns == report.last_stamp
 
 
