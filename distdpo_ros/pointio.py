@@ -229,9 +229,11 @@ _UMASK = _read_umask()  # read once at import (os.umask can only be read by sett
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A temporary file beside `path`; on success flushed, fsynced and renamed over `path`.
 
-    The file gets the usual permissions of a new file (0666 minus the umask), not mkstemp's 0600.
+    Missing parent folders are created. The file gets the usual permissions of a new file (0666
+    minus the umask), not mkstemp's 0600.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)

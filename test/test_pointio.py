@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distdpo_ros.errors import UserError
-from distdpo_ros.pointio import read_points, write_points
+from distdpo_ros.pointio import atomic_writer, read_points, write_points
 
 
 @pytest.fixture
@@ -152,3 +152,12 @@ def test_real_scan_files(shared_data: Path) -> None:
     kitti = read_points(shared_data / 'kitti_seq00_subset' / 'velodyne' / '000094.bin')
     assert 100_000 < len(kitti) < 130_000
     assert -2.5 < np.median(kitti[:, 2]) < 1.0
+
+
+
+def test_atomic_writer_creates_missing_folders_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / 'new' / 'deeper' / 'figure.png'
+    with atomic_writer(target) as handle:
+        handle.write(b'png bytes')
+    assert target.read_bytes() == b'png bytes'
+    assert [p.name for p in target.parent.iterdir()] == ['figure.png']
