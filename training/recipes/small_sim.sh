@@ -61,7 +61,7 @@ fi
 stage "7/7 package"
 if [ "$SHIP" = 1 ]; then
   python - "$RUN" <<'PY'
-import shutil, sys
+import json, shutil, sys
 from pathlib import Path
 run = Path(sys.argv[1])
 dest = Path('distdpo_ros/default_models')
@@ -71,6 +71,11 @@ for name, src in (('student', run / 'ablate/runs/dpo/model/last'),
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(src, target)
+    config = target / 'config.json'  # the student names its teacher by its shipped name
+    data = json.loads(config.read_text())
+    if 'teacher' in data.get('notes', {}):
+        data['notes']['teacher'] = 'default-teacher'
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + '\n')
     print(f'shipped {src} -> {target}')
 PY
 fi
