@@ -50,8 +50,8 @@ $DISTDPO ablate distill --teacher "$RUN/refine/model/last" --data "$DATA" --out 
 stage "6/7 Fig.-1 render of a real scan: teacher at 50 steps, student at 8 (no ground truth)"
 if [ -f "$REAL_SCAN" ]; then
   $DISTDPO render --scan "$REAL_SCAN" --teacher "$RUN/refine/model/last" \
-    --model "$RUN/ablate/runs/dpo/model/last" --teacher-name 'Teacher, 50 steps' \
-    --name 'Student (Distillation-DPO), 8 steps' --extent 30 --seed "$SEED" \
+    --model "$RUN/ablate/runs/dpo/model/last" --teacher-name 'Teacher' \
+    --name 'Student (Distillation-DPO)' --extent 30 --seed "$SEED" \
     --title "real scan $(basename "$REAL_SCAN"), models trained on simulated drives only" \
     --out "$RUN/figures/real_scan.png"
 else
