@@ -33,12 +33,12 @@ class Solver(Protocol):
 
 
 def _data_prediction(steps: list[Any], index: int, eps: torch.Tensor, sample: torch.Tensor
-                     ) -> torch.Tensor:
-    """D_t = (r_t - sigma_t eps) / alpha_t at step `index` of a run (an error past the last)."""
+                     ) -> tuple[Any, torch.Tensor]:
+    """Step `index`'s coefficients and D_t = (r_t - sigma_t eps) / alpha_t."""
     if index >= len(steps):
         raise RuntimeError('this solver run is finished; build a new solver for a new sample')
     c = steps[index]
-    return torch.add(sample, eps, alpha=-c.sigma).div_(c.alpha)
+    return c, torch.add(sample, eps, alpha=-c.sigma).div_(c.alpha)
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,7 @@ class DPMSolverSDE:
         self._prev_data: torch.Tensor | None = None
 
     def step(self, eps: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        data = _data_prediction(self._steps, self._index, eps, sample)
-        c = self._steps[self._index]
+        c, data = _data_prediction(self._steps, self._index, eps, sample)
         out = sample * c.c_sample
         if c.second_order:
             out.add_(data, alpha=c.c_data2).add_(self._prev_data, alpha=c.c_prev)
@@ -138,8 +137,7 @@ class DDPMAncestral:
         self._index = 0
 
     def step(self, eps: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        data = _data_prediction(self._steps, self._index, eps, sample)
-        c = self._steps[self._index]
+        c, data = _data_prediction(self._steps, self._index, eps, sample)
         out = sample * c.c_sample
         out.add_(data, alpha=c.c_data)
         if c.std > 0:
