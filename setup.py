@@ -1,25 +1,28 @@
 """distdpo_ros: few-step diffusion LiDAR scene completion as a ROS 2 (ament_python) package."""
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 PACKAGE = 'distdpo_ros'
+HERE = Path(__file__).resolve().parent  # colcon runs setup.py from its build folder
 
 setup(
     name=PACKAGE,
     version='0.1.0',
     description='Distillation-DPO LiDAR scene completion: a ROS 2 node, CLI and training pipeline',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=(HERE / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
+    # The vehicle runtime at the root, the offline pipeline in training/distdpo_training/ (folder
+    # = import name; training/ only holds it, beside its recipes).
     packages=find_packages(include=['distdpo_ros', 'distdpo_ros.*'])
-    + ['distdpo_training'] + ['distdpo_training.' + p for p in find_packages('training')],
-    # The offline pipeline lives in training/ but imports as distdpo_training (never shadows `training`).
-    package_dir={'distdpo_training': 'training'},
+    + find_packages('training', include=['distdpo_training', 'distdpo_training.*']),
+    package_dir={'distdpo_training': 'training/distdpo_training'},
     package_data={
         'distdpo_ros': ['default_models/*/*.json', 'default_models/*/*.safetensors'],
-        'distdpo_training': ['configs/*.yaml', 'recipes/*.sh'],
+        'distdpo_training': ['configs/*.yaml'],
     },
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
@@ -48,7 +51,6 @@ setup(
         'train': ['open3d-cpu>=0.18', 'rosbags>=0.10', 'matplotlib>=3.7', 'tensorboard>=2.14'],
         'test': ['pytest>=8,<9', 'diffusers>=0.27', 'ruff>=0.6'],
     },
-    tests_require=['pytest'],
     zip_safe=False,
     entry_points={
         'console_scripts': [

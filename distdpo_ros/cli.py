@@ -1,7 +1,8 @@
 """The `distdpo` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-this file only maps names to modules, imported lazily so that `distdpo --help` is instant and the
+Each package owns its subcommands (`distdpo_ros.commands`, `distdpo_training.commands`: a table of
+names to modules exposing `add_arguments(parser)` and `run(args) -> int`); this file merges the
+tables and imports a command's module only when it runs, so `distdpo --help` is instant and the
 vehicle runtime never imports the offline pipeline. Bad input raises UserError: one line on
 stderr, exit 2.
 """
@@ -15,47 +16,39 @@ import sys
 from distdpo_ros import __version__
 from distdpo_ros.errors import UserError
 
-_RT = 'distdpo_ros.commands.'
-_TR = 'distdpo_training.commands.'
+# The packages whose command tables make up `distdpo`; the offline one is absent from a
+# runtime-only install, and its commands are then simply not offered.
+COMMAND_PACKAGES = ('distdpo_ros.commands', 'distdpo_training.commands')
 
-# name -> (module, one-line help). Groups ("bench", "train", "ablate") take a second word.
-COMMANDS: dict[str, tuple[str, str]] = {
-    'complete': (_RT + 'complete', 'complete a scan file (.bin .ply .pcd .npy), dense cloud out'),
-    'import-ckpt': (_RT + 'import_ckpt', 'convert a LiDiff / Distillation-DPO .ckpt to ours'),
-    'simulate': (_TR + 'simulate', 'simulate HDL-64E drives in the SemanticKITTI layout (+ bags)'),
-    'build-maps': (_TR + 'build_maps', 'build the per-sequence static ground-truth maps'),
-    'kitti2bag': (_TR + 'kitti2bag', 'write a SemanticKITTI sequence as a rosbag2 (MCAP/sqlite3)'),
-    'bag2kitti': (_TR + 'bag2kitti', 'turn a recorded rosbag2 into the SemanticKITTI layout'),
-    'evaluate': (_TR + 'evaluate', 'evaluate models on a dataset split: tables, plots, renders'),
-    'render': (_TR + 'render', 'draw a Fig.-1-style picture: scan, GT, teacher, student'),
-    'replay': (_TR + 'replay', 'replay a bag through the completion node over DDS (pip-only)'),
-    'demo': (_TR + 'demo', 'the out-of-the-box demo on the shipped default model'),
-}
-GROUPS: dict[str, dict[str, tuple[str, str]]] = {
-    'bench': {
-        'backbone': (_RT + 'bench_backbone', 'forward time of the sparse backbone'),
-        'sampling': (_RT + 'bench_sampling', 'completion time at 1/2/4/8/50 steps'),
-        'pointcloud': (_RT + 'bench_pointcloud', 'PointCloud2 <-> numpy conversion speed'),
-        'metrics': (_TR + 'bench_metrics', 'metric speed and memory against the reference'),
-        'data': (_TR + 'bench_data', 'simulator and build-maps speed'),
-    },
-    'train': {
-        'teacher': (_TR + 'train_teacher', 'train the LiDiff teacher (diffusion objective)'),
-        'refine': (_TR + 'train_refine', 'train the x6 refinement / up-sampling net'),
-        'diffusion-dpo': (_TR + 'train_diffusion_dpo', 'fine-tune a teacher with Diffusion-DPO'),
-        'distill': (_TR + 'train_distill', 'distill a few-step student with Distillation-DPO'),
-        'score-distill': (_TR + 'train_score_distill', 'score distillation baseline (no pairs)'),
-    },
-    'ablate': {
-        'distill': (_TR + 'ablate_distill', 'run the paper\'s distillation ablations, one table'),
-    },
-}
+
+def command_tables() -> tuple[dict[str, tuple[str, str]], dict[str, dict[str, tuple[str, str]]]]:
+    """(commands, groups) merged from every importable package in COMMAND_PACKAGES.
+
+    Each package's `COMMANDS` maps a name to (module, one-line help); its `GROUPS` maps a group
+    name ("bench", "train", "ablate") to such a table, and groups of the same name are merged.
+    """
+    commands: dict[str, tuple[str, str]] = {}
+    groups: dict[str, dict[str, tuple[str, str]]] = {}
+    for package in COMMAND_PACKAGES:
+        try:
+            table = importlib.import_module(package)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not package.startswith(exc.name):
+                raise
+            continue
+        commands.update(table.COMMANDS)
+        for group, subs in table.GROUPS.items():
+            groups.setdefault(group, {}).update(subs)
+    return commands, groups
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    lines = [f'  {name:<14}{text}' for name, (_, text) in COMMANDS.items()]
-    for group, subs in GROUPS.items():
-        lines += [f'  {group + " " + name:<14}{text}' for name, (_, text) in subs.items()]
+    commands, groups = command_tables()
+    names = [(name, text) for name, (_, text) in commands.items()]
+    names += [(f'{group} {name}', text) for group, subs in groups.items()
+              for name, (_, text) in subs.items()]
+    width = max(len(name) for name, _ in names) + 2
+    lines = [f'  {name:<{width}}{text}' for name, text in names]
     parser = argparse.ArgumentParser(
         prog='distdpo', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Few-step diffusion LiDAR scene completion (Distillation-DPO).',
@@ -68,11 +61,12 @@ def _top_parser() -> argparse.ArgumentParser:
 def _resolve(argv: list[str]) -> tuple[str, str, str, list[str]]:
     """Return (prog name, module, help, remaining argv) or raise UserError for unknown names."""
     name = argv[0]
-    if name in COMMANDS:
-        module, text = COMMANDS[name]
+    commands, groups = command_tables()
+    if name in commands:
+        module, text = commands[name]
         return name, module, text, argv[1:]
-    if name in GROUPS:
-        subs = GROUPS[name]
+    if name in groups:
+        subs = groups[name]
         if len(argv) < 2 or argv[1] not in subs:
             raise UserError(f'`distdpo {name}` needs one of: {", ".join(subs)}')
         module, text = subs[argv[1]]

@@ -27,6 +27,7 @@ import torch
 from distdpo_ros.config import ModelConfig
 from distdpo_ros.diffusion import GuidedDenoiser, NoiseSchedule, make_solver, sample_residual
 from distdpo_ros.errors import UserError
+from distdpo_ros.settings import SamplingSettings
 
 if TYPE_CHECKING:
     from distdpo_ros.checkpoint import ModelBundle
@@ -190,27 +191,25 @@ def initial_cloud(scan: torch.Tensor, replication: int) -> torch.Tensor:
 
 
 def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | None = None,
-           guidance: float | None = None, generators: Any = None, solver: str = 'dpm-solver++',
+           guidance: float | None = None, generators: Any = None, solver: str | None = None,
            init_noise_scale: float | None = None, batched_guidance: bool = True,
            encoder_once: bool = True, progress: bool = False,
            timings: dict[str, float] | None = None) -> torch.Tensor:
     """Complete scans (B, M, 3) into raw diffusion samples (B, K * M, 3); no crop, no refinement.
 
-    `net` is a DiffusionNet (encode, null_condition, forward). `steps`, `guidance` and
-    `init_noise_scale` default to the config. `generators`: one torch.Generator, or one per scene
-    so that each scene's result depends on its own seed only. Gradients flow (wrap the call in
+    `net` is a DiffusionNet (encode, null_condition, forward). `steps`, `guidance`, `solver` and
+    `init_noise_scale` default to the model's (see :class:`distdpo_ros.settings.SamplingSettings`).
+    `generators`: one torch.Generator, or one per scene so that each scene's result depends on its
+    own seed only. Gradients flow (wrap the call in
     torch.inference_mode() for inference). `batched_guidance` and `encoder_once` switch off the two
     savings of GuidedDenoiser, for measurements; `timings` receives the seconds of the 'encode'
     and 'denoise' stages.
     """
-    steps = config.steps if steps is None else int(steps)
-    guidance = config.guidance if guidance is None else float(guidance)
-    if not math.isfinite(guidance):
-        raise UserError(f'guidance must be a finite number, got {guidance}')
+    settings = SamplingSettings(steps, guidance, solver=solver).resolved(config)
     lam = config.init_noise_scale if init_noise_scale is None else float(init_noise_scale)
-    run = make_solver(solver, NoiseSchedule.from_config(config), steps)  # fresh for every call
+    run = make_solver(settings.solver, NoiseSchedule.from_config(config), settings.steps)
     clock = StageClock(scan.device, timings)
-    denoiser = GuidedDenoiser(net, scan, guidance, batched=batched_guidance,
+    denoiser = GuidedDenoiser(net, scan, settings.guidance, batched=batched_guidance,
                               cache_condition=encoder_once)
     clock.lap('encode')
     x_init = initial_cloud(scan, config.replication)
@@ -278,17 +277,18 @@ class Completer:
 
     def complete(self, points: np.ndarray, steps: int | None = None,
                  guidance: float | None = None, refine: bool = False, seed: int | None = None,
-                 *, solver: str = 'dpm-solver++', progress: bool = False,
+                 *, solver: str | None = None, progress: bool = False,
                  batched_guidance: bool = True, encoder_once: bool = True,
                  timings: dict[str, float] | None = None) -> np.ndarray:
         """Complete one scan (N, 3|>=4) into a dense (M, 3) float32 cloud in the scan's frame.
 
-        `steps` and `guidance` default to the model's config; `seed` makes the result repeatable
-        (None draws a fresh one). `timings`, when given, receives the seconds spent in each stage
+        `steps`, `guidance` and `solver` default to the model's (checked against it by
+        :meth:`SamplingSettings.resolved`); `seed` makes the result repeatable (None draws a
+        fresh one). `timings`, when given, receives the seconds spent in each stage
         (preprocess, encode, denoise, postprocess, refine).
         """
-        if refine and self.bundle.refine is None:
-            raise UserError('refine=True but this model has no refinement weights')
+        settings = SamplingSettings(steps, guidance, refine, solver).resolved(
+            self.config, self.has_refine)
         config = self.config
         clock = StageClock(self.device, timings)
         generator = torch.Generator(device=self.device)
@@ -299,14 +299,15 @@ class Completer:
         with torch.inference_mode():
             scan = torch.from_numpy(preprocess(points, config)).to(self.device)[None]
             clock.lap('preprocess')
-            raw = sample(self.bundle.diffusion, scan, config, steps=steps, guidance=guidance,
-                         generators=generator, solver=solver, batched_guidance=batched_guidance,
+            raw = sample(self.bundle.diffusion, scan, config, steps=settings.steps,
+                         guidance=settings.guidance, generators=generator,
+                         solver=settings.solver, batched_guidance=batched_guidance,
                          encoder_once=encoder_once, progress=progress, timings=timings)
             clock.restart()
             completed = postprocess(raw[0], initial_cloud(scan, config.replication)[0],
                                     config.max_range)
             clock.lap('postprocess')
-            if refine:
+            if settings.refine:
                 completed = refine_points(self.bundle.refine, completed)
                 clock.lap('refine')
             return completed.float().cpu().numpy()

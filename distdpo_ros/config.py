@@ -16,6 +16,8 @@ from distdpo_ros.errors import UserError
 
 SCALES = ('full', 'small', 'tiny')
 ROLES = ('teacher', 'student', 'refine')
+# The fields that decide whether two checkpoints have the same networks (weights transfer).
+NETWORK_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication')
 
 
 @dataclass
@@ -80,6 +82,20 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes).validate()
+
+
+def require_same_networks(have: ModelConfig, want: ModelConfig, source: str,
+                          fields: tuple[str, ...] = NETWORK_FIELDS) -> None:
+    """Raise UserError naming `source` (what `have` was read from) and the differing fields.
+
+    `fields` defaults to everything that shapes the diffusion networks; the refinement net only
+    needs the voxel fields ('channel_ratio', 'resolution').
+    """
+    differ = [k for k in fields if getattr(have, k) != getattr(want, k)]
+    if differ:
+        raise UserError(f'{source} does not fit this run: fields {differ} differ ('
+                        f'{[getattr(have, k) for k in differ]} there, '
+                        f'{[getattr(want, k) for k in differ]} here)')
 
 
 def preset(scale: str, role: str = 'teacher') -> ModelConfig:

@@ -16,14 +16,12 @@ config/completion.yaml`).
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import rclpy
@@ -41,65 +39,26 @@ from sensor_msgs.msg import PointCloud2
 
 from distdpo_ros import pointcloud
 from distdpo_ros.errors import UserError
+from distdpo_ros.node_support import (
+    INPUT_TOPIC,
+    NODE_NAME,
+    OUTPUT_TOPIC,
+    PARAMETERS,
+    CompleterLike,
+    LatestSlot,
+    Param,
+    RateLimitedWarnings,
+    Stats,
+    sampling_settings,
+    warmup_scan,
+)
 
 try:  # optional: only the periodic log line without it
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 except ImportError:  # pragma: no cover - the ROS wheels and every ROS install ship it
     DiagnosticArray = None
 
-NODE_NAME = 'distdpo_completion'
-INPUT_TOPIC = '/velodyne_points'
-OUTPUT_TOPIC = '/distdpo/completed_points'
-REJECT_REASONS = pointcloud.REASONS + ('no_points_in_range',)
-
-
-class CompleterLike(Protocol):
-    """What the node needs from a model: distdpo_ros.completion.Completer or a test double."""
-
-    def complete(self, points: np.ndarray, steps: int | None = None,
-                 guidance: float | None = None, refine: bool = False,
-                 seed: int | None = None) -> np.ndarray: ...
-
-
-@dataclass
-class _Param:
-    default: Any
-    description: str
-    read_only: bool = True
-    low: float | None = None
-    high: float | None = None
-
-
-# The node's parameters; config/completion.yaml carries the same defaults (a test checks it).
-PARAMETERS: dict[str, _Param] = {
-    'model': _Param('default', 'checkpoint directory, or a shipped model name ("default")'),
-    'device': _Param('auto', 'auto (cuda when available), cpu or cuda[:N]'),
-    'steps': _Param(0, "sampler steps per scan; 0: the model's own (changeable at run time)",
-                    False, 0, 1000),
-    'guidance': _Param(-1.0, "classifier-free guidance weight; -1: the model's own "
-                       '(changeable at run time)', False, -1.0, 50.0),
-    'refine': _Param(False, 'run the x6 refinement network after sampling', False),
-    'points': _Param(0, 'publish at most this many points, a seeded random subset (0: all)',
-                     False, 0, 50_000_000),
-    'min_range': _Param(0.0, 'drop input points closer than this [m] (0: keep)', False,
-                        0.0, 1000.0),
-    'max_range': _Param(0.0, 'drop input points farther than this [m] (0: keep)', False,
-                        0.0, 1000.0),
-    'seed': _Param(0, 'sampler seed; -1 draws a new one for every scan', False, -1, 2**31 - 1),
-    'reliability': _Param('best_effort', 'input QoS reliability: best_effort or reliable'),
-    'depth': _Param(2, 'input QoS queue depth', True, 1, 100),
-    'max_points': _Param(pointcloud.MAX_POINTS, 'reject input clouds with more points', True,
-                         1, 100_000_000),
-    'warmup': _Param(True, 'complete a synthetic scan at start so the first real one is fast'),
-    'diagnostics_period': _Param(1.0, 'seconds between /diagnostics messages', True, 0.1, 60.0),
-    'log_period': _Param(10.0, 'seconds between statistics log lines (0: never)', True,
-                         0.0, 3600.0),
-    'warn_period': _Param(5.0, 'at most one warning per reject reason in this many seconds',
-                          True, 0.0, 3600.0),
-}
-
-
-def _descriptor(name: str, spec: _Param) -> ParameterDescriptor:
+def _descriptor(name: str, spec: Param) -> ParameterDescriptor:
     desc = ParameterDescriptor(name=name, description=spec.description, read_only=spec.read_only)
     if spec.low is None or isinstance(spec.default, bool):
         return desc
@@ -112,134 +71,11 @@ def _descriptor(name: str, spec: _Param) -> ParameterDescriptor:
     return desc
 
 
-class LatestSlot:
-    """A one-item mailbox: `put` replaces what is waiting, `take` blocks for the next item."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-
-    def put(self, item: Any) -> bool:
-        """Store `item`; return True when it replaced an item nobody had taken yet."""
-        with self._cond:
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify()
-            return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """The waiting item (removing it), or None on timeout or after close()."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
-            item, self._item = self._item, None
-            return None if self._closed else item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def pending(self) -> bool:
-        with self._cond:
-            return self._item is not None
-
-
-class RateLimitedWarnings:
-    """At most one log call per key and period; the next one says how many were suppressed."""
-
-    def __init__(self, log: Callable[[str], Any], period: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._log, self._period, self._clock = log, period, clock
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warn(self, key: str, text: str) -> bool:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._period:
-            self._suppressed[key] += 1
-            return False
-        extra = self._suppressed.pop(key, 0)
-        self._last[key] = now
-        self._log(text + (f' ({extra} similar warnings suppressed)' if extra else ''))
-        return True
-
-
-@dataclass
-class Stats:
-    """Counters and a window of recent timings (seconds), shared by the callback and the worker."""
-
-    window: int = 200
-    received: int = 0
-    completed: int = 0
-    dropped: int = 0
-    failed: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    latency: deque[float] = field(default_factory=deque)  # receive -> publish
-    model: deque[float] = field(default_factory=deque)  # inside complete()
-    queued: deque[float] = field(default_factory=deque)  # waiting for an earlier scan to finish
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add_timing(self, latency: float, model: float, queued: float) -> None:
-        with self.lock:
-            self.completed += 1
-            for values, value in ((self.latency, latency), (self.model, model),
-                                  (self.queued, queued)):
-                values.append(value)
-                if len(values) > self.window:
-                    values.popleft()
-
-    def summary(self) -> dict[str, Any]:
-        """Totals and median/p95/max of the recent window (milliseconds).
-
-        latency = queued + model + overhead: `queued` is the time a scan waited for the model to
-        finish an earlier one, `overhead` the node's own work (reading, waking the worker,
-        packing and publishing the result)."""
-        with self.lock:
-            out: dict[str, Any] = {
-                'received': self.received, 'completed': self.completed,
-                'dropped': self.dropped, 'failed': self.failed,
-                'rejected': sum(self.rejected.values()),
-                'rejected_by_reason': dict(self.rejected)}
-            latency, model = np.array(self.latency), np.array(self.model)
-            queued = np.array(self.queued)
-        for name, values in (('latency', latency), ('model', model), ('queued', queued),
-                             ('overhead', latency - model - queued)):
-            if values.size:
-                out[f'{name}_ms'] = {'median': float(np.median(values) * 1e3),
-                                     'p95': float(np.percentile(values, 95) * 1e3),
-                                     'max': float(values.max() * 1e3)}
-        return out
-
-
 @dataclass
 class _Scan:
     header: Any
     points: np.ndarray
     received: float  # time.perf_counter() when the message arrived
-
-
-def _warmup_scan(seed: int = 0, n: int = 4000) -> np.ndarray:
-    """A plausible street-like scan (ground ring, two walls) to warm the model up."""
-    rng = np.random.default_rng(seed)
-    radius = rng.uniform(4.0, 25.0, n)
-    angle = rng.uniform(-np.pi, np.pi, n)
-    ground = np.stack([radius * np.cos(angle), radius * np.sin(angle),
-                       np.full(n, -1.73) + rng.normal(0, 0.02, n)], axis=1)
-    wall_x = rng.uniform(-25, 25, n // 4)
-    wall_z = rng.uniform(-1.7, 2.0, n // 4)
-    walls = np.concatenate([np.stack([wall_x, np.full_like(wall_x, side), wall_z], axis=1)
-                            for side in (-8.0, 8.0)])
-    return np.concatenate([ground, walls]).astype(np.float32)
-
-
-def _sampling(settings: dict[str, Any]) -> dict[str, Any]:
-    """complete() arguments from the parameters (0 steps / -1 guidance: the model's own)."""
-    return {'steps': settings['steps'] or None,
-            'guidance': settings['guidance'] if settings['guidance'] >= 0 else None,
-            'refine': settings['refine']}
 
 
 class CompletionNode(Node):
@@ -263,7 +99,7 @@ class CompletionNode(Node):
         self._warnings = RateLimitedWarnings(self.get_logger().warning,
                                              self._settings['warn_period'])
         self._completer = completer if completer is not None else self._load_completer()
-        problem = self._check_refine(self._settings)
+        problem = self._check_dynamic(self._settings) or self._check_refine(self._settings)
         if problem:
             raise UserError(problem)
 
@@ -303,11 +139,17 @@ class CompletionNode(Node):
         if problem:
             raise UserError(problem)
 
-    @staticmethod
-    def _check_dynamic(s: dict[str, Any]) -> str | None:
-        guidance = float(s['guidance'])
-        if not math.isfinite(guidance) or (guidance < 0 and guidance != -1):
-            return 'parameter "guidance" must be >= 0, or -1 for the model\'s own'
+    def _check_dynamic(self, s: dict[str, Any]) -> str | None:
+        """What is wrong with the run-time parameters `s` (None: nothing). Once the model is
+        loaded, the sampling settings are checked against its config, so steps its sampler
+        cannot take are refused here rather than on every scan."""
+        try:
+            settings = sampling_settings(s)
+            config = getattr(getattr(self, '_completer', None), 'config', None)
+            if config is not None:
+                settings.replace(refine=False).resolved(config)
+        except UserError as exc:
+            return f'parameter {exc}'
         if s['max_range'] and s['min_range'] >= s['max_range']:
             return (f'parameter "min_range" ({s["min_range"]}) must be smaller than "max_range" '
                     f'({s["max_range"]})')
@@ -335,11 +177,9 @@ class CompletionNode(Node):
         return SetParametersResult(successful=True)
 
     def _describe_sampling(self) -> str:
-        s, config = self._settings, getattr(self._completer, 'config', None)
-        steps = s['steps'] or getattr(config, 'steps', "the model's")
-        guidance = s['guidance'] if s['guidance'] >= 0 else getattr(config, 'guidance',
-                                                                     "the model's")
-        return f'steps {steps}, guidance {guidance}, refine {s["refine"]}'
+        settings = sampling_settings(self._settings)
+        config = getattr(self._completer, 'config', None)
+        return (settings if config is None else settings.resolved(config, True)).describe()
 
     def _load_completer(self) -> CompleterLike:
         from distdpo_ros.completion import Completer
@@ -418,7 +258,7 @@ class CompletionNode(Node):
         s = self._settings
         started = time.perf_counter()
         try:
-            self._completer.complete(_warmup_scan(), seed=0, **_sampling(s))
+            self._completer.complete(warmup_scan(), seed=0, **sampling_settings(s).arguments())
         except Exception as exc:  # noqa: BLE001 - report it; real scans will try again
             self._last_status = (2, f'warm-up failed: {type(exc).__name__}: {exc}')
             self.get_logger().error(self._last_status[1])
@@ -431,7 +271,8 @@ class CompletionNode(Node):
         queued = max(0.0, self._free_since - scan.received)  # the model was busy until then
         started = time.perf_counter()
         try:
-            completed = self._completer.complete(scan.points, seed=seed, **_sampling(s))
+            completed = self._completer.complete(scan.points, seed=seed,
+                                                 **sampling_settings(s).arguments())
             model_time = time.perf_counter() - started
             completed = self._limit_points(np.asarray(completed, dtype=np.float32), seed)
             self._publisher.publish(pointcloud.make_cloud(completed, scan.header))

@@ -13,15 +13,12 @@ fixed-size elements; PCD v0.7 `ascii` / `binary` (not `binary_compressed`).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
+from distdpo_ros.atomic import atomic_writer
 from distdpo_ros.errors import UserError
 
 SUFFIXES = ('.bin', '.npy', '.ply', '.pcd')
@@ -214,38 +211,6 @@ def _read_pcd(path: Path, data: bytes) -> np.ndarray:
                         f'{max(0, len(data) - offset) // dtype.itemsize} present)')
     cloud = np.frombuffer(data, dtype=dtype, count=points, offset=offset)
     return _xyz([cloud[n] for n in 'xyz'])
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import (os.umask can only be read by setting it)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`; on success flushed, fsynced and renamed over `path`.
-
-    Missing parent folders are created. The file gets the usual permissions of a new file (0666
-    minus the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, 'wb') as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_points(path: str | os.PathLike, xyz: np.ndarray, binary: bool = True) -> None:

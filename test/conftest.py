@@ -61,7 +61,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def sim_dataset(tmp_path_factory) -> Path:
     """Two simulated drives of 6 scans (sequences 00 and 01) with their ground-truth maps."""
-    simulation = pytest.importorskip('distdpo_training.simulation.drive')
+    simulation = pytest.importorskip('distdpo_training.data.simulation.drive')
     from distdpo_ros.cli import main as distdpo
 
     root = tmp_path_factory.mktemp('sim')

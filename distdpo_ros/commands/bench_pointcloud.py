@@ -149,7 +149,8 @@ def bench_node(n: int, scans: int, output_points: int) -> dict[str, Any]:
     from sensor_msgs.msg import PointCloud2, PointField
     from std_msgs.msg import Header
 
-    from distdpo_ros.node import INPUT_TOPIC, OUTPUT_TOPIC, CompletionNode
+    from distdpo_ros.node import CompletionNode
+    from distdpo_ros.node_support import INPUT_TOPIC, OUTPUT_TOPIC
 
     plain = velodyne_cloud(n)
     msg = PointCloud2(header=Header(frame_id='velodyne'), height=1, width=n,

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from distdpo_ros.config import SCALES, preset
 from distdpo_ros.errors import UserError
+from distdpo_ros.settings import SamplingSettings
 
 DEFAULT_STEPS = '1,2,4,8,50'
 FIXED_STAGES = ('preprocess', 'encode', 'postprocess')
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     scan = read_points(args.input) if args.input else synthetic_scan()
     completer, model_name = _completer(args)
     config = completer.config
-    guidance = config.guidance if args.guidance is None else args.guidance
+    guidance = SamplingSettings(guidance=args.guidance).resolved(config).guidance
 
     def model_run(steps: int, stages: dict[str, float], **switches: bool) -> None:
         completer.complete(scan, steps=steps, guidance=guidance, seed=0, timings=stages,

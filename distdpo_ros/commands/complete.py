@@ -9,6 +9,7 @@ from pathlib import Path
 
 from distdpo_ros.errors import UserError
 from distdpo_ros.pointio import SUFFIXES, read_points, write_points
+from distdpo_ros.settings import SamplingSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from distdpo_ros.completion import Completer
 
     out = args.out if args.out is not None else Path(f'{args.input.stem}.completed.ply')
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f'--steps must be at least 1, got {args.steps}')
     if out.suffix.lower() not in SUFFIXES:  # checked before the work, not after it
         raise UserError(f'--out {out}: unknown format; use one of {", ".join(SUFFIXES)}')
     if not out.parent.is_dir():
@@ -62,14 +61,12 @@ def run(args: argparse.Namespace) -> int:
     config = completer.config
     _say(f'loaded model {args.model} ({config.scale} {config.role}) on {completer.device} in '
          f'{time.perf_counter() - started:.1f} s')
-    steps = config.steps if args.steps is None else args.steps
-    guidance = config.guidance if args.guidance is None else args.guidance
+    settings = SamplingSettings(args.steps, args.guidance, args.refine, args.solver).resolved(
+        config, completer.has_refine)
     started = time.perf_counter()
-    completed = completer.complete(points, steps=steps, guidance=guidance, refine=args.refine,
-                                   seed=None if args.seed < 0 else args.seed,
-                                   solver=args.solver, progress=True)
-    _say(f'completed {args.input.name} with {steps} step{"s" * (steps != 1)}, guidance '
-         f'{guidance:g}{", refined" if args.refine else ""}: {len(completed)} points in '
+    completed = completer.complete(points, seed=None if args.seed < 0 else args.seed,
+                                   progress=True, **settings.arguments())
+    _say(f'completed {args.input.name} with {settings.describe()}: {len(completed)} points in '
          f'{time.perf_counter() - started:.2f} s')
     write_points(out, completed, binary=not args.ascii)
     _say(f'wrote {out}')

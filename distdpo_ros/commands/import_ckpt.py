@@ -10,12 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distdpo_ros.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    import_lightning_checkpoint,
-    save_checkpoint,
-)
+from distdpo_ros.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from distdpo_ros.lightning_import import import_lightning_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

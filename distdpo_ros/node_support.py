@@ -1,0 +1,193 @@
+"""The completion node's parts that need no ROS: names, parameters, the newest-scan mailbox,
+rate-limited warnings and statistics. Importable (and tested) without rclpy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from distdpo_ros import pointcloud
+from distdpo_ros.settings import SamplingSettings
+
+NODE_NAME = 'distdpo_completion'
+INPUT_TOPIC = '/velodyne_points'
+OUTPUT_TOPIC = '/distdpo/completed_points'
+REJECT_REASONS = pointcloud.REASONS + ('no_points_in_range',)
+
+
+class CompleterLike(Protocol):
+    """What the node needs from a model: distdpo_ros.completion.Completer or a test double."""
+
+    def complete(self, points: np.ndarray, steps: int | None = None,
+                 guidance: float | None = None, refine: bool = False,
+                 seed: int | None = None) -> np.ndarray: ...
+
+
+@dataclass
+class Param:
+    """One node parameter: default, description, writable at run time or not, numeric range."""
+
+    default: Any
+    description: str
+    read_only: bool = True
+    low: float | None = None
+    high: float | None = None
+
+
+# The node's parameters; config/completion.yaml carries the same defaults (a test checks it).
+PARAMETERS: dict[str, Param] = {
+    'model': Param('default', 'checkpoint directory, or a shipped model name ("default")'),
+    'device': Param('auto', 'auto (cuda when available), cpu or cuda[:N]'),
+    'steps': Param(0, "sampler steps per scan; 0: the model's own (changeable at run time)",
+                   False, 0, 1000),
+    'guidance': Param(-1.0, "classifier-free guidance weight; -1: the model's own "
+                      '(changeable at run time)', False, -1.0, 50.0),
+    'refine': Param(False, 'run the x6 refinement network after sampling', False),
+    'points': Param(0, 'publish at most this many points, a seeded random subset (0: all)',
+                    False, 0, 50_000_000),
+    'min_range': Param(0.0, 'drop input points closer than this [m] (0: keep)', False,
+                       0.0, 1000.0),
+    'max_range': Param(0.0, 'drop input points farther than this [m] (0: keep)', False,
+                       0.0, 1000.0),
+    'seed': Param(0, 'sampler seed; -1 draws a new one for every scan', False, -1, 2**31 - 1),
+    'reliability': Param('best_effort', 'input QoS reliability: best_effort or reliable'),
+    'depth': Param(2, 'input QoS queue depth', True, 1, 100),
+    'max_points': Param(pointcloud.MAX_POINTS, 'reject input clouds with more points', True,
+                        1, 100_000_000),
+    'warmup': Param(True, 'complete a synthetic scan at start so the first real one is fast'),
+    'diagnostics_period': Param(1.0, 'seconds between /diagnostics messages', True, 0.1, 60.0),
+    'log_period': Param(10.0, 'seconds between statistics log lines (0: never)', True,
+                        0.0, 3600.0),
+    'warn_period': Param(5.0, 'at most one warning per reject reason in this many seconds',
+                         True, 0.0, 3600.0),
+}
+
+
+def sampling_settings(parameters: dict[str, Any]) -> SamplingSettings:
+    """The sampling settings of the node's parameters (steps 0 / guidance -1: the model's own)."""
+    return SamplingSettings.from_parameters(parameters['steps'], parameters['guidance'],
+                                            parameters['refine'])
+
+
+class LatestSlot:
+    """A one-item mailbox: `put` replaces what is waiting, `take` blocks for the next item."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Store `item`; return True when it replaced an item nobody had taken yet."""
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The waiting item (removing it), or None on timeout or after close()."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
+            item, self._item = self._item, None
+            return None if self._closed else item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> bool:
+        with self._cond:
+            return self._item is not None
+
+
+class RateLimitedWarnings:
+    """At most one log call per key and period; the next one says how many were suppressed."""
+
+    def __init__(self, log: Callable[[str], Any], period: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._period, self._clock = log, period, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warn(self, key: str, text: str) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._period:
+            self._suppressed[key] += 1
+            return False
+        extra = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        self._log(text + (f' ({extra} similar warnings suppressed)' if extra else ''))
+        return True
+
+
+@dataclass
+class Stats:
+    """Counters and a window of recent timings (seconds), shared by the callback and the worker."""
+
+    window: int = 200
+    received: int = 0
+    completed: int = 0
+    dropped: int = 0
+    failed: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    latency: deque[float] = field(default_factory=deque)  # receive -> publish
+    model: deque[float] = field(default_factory=deque)  # inside complete()
+    queued: deque[float] = field(default_factory=deque)  # waiting for an earlier scan to finish
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_timing(self, latency: float, model: float, queued: float) -> None:
+        with self.lock:
+            self.completed += 1
+            for values, value in ((self.latency, latency), (self.model, model),
+                                  (self.queued, queued)):
+                values.append(value)
+                if len(values) > self.window:
+                    values.popleft()
+
+    def summary(self) -> dict[str, Any]:
+        """Totals and median/p95/max of the recent window (milliseconds).
+
+        latency = queued + model + overhead: `queued` is the time a scan waited for the model to
+        finish an earlier one, `overhead` the node's own work (reading, waking the worker,
+        packing and publishing the result)."""
+        with self.lock:
+            out: dict[str, Any] = {
+                'received': self.received, 'completed': self.completed,
+                'dropped': self.dropped, 'failed': self.failed,
+                'rejected': sum(self.rejected.values()),
+                'rejected_by_reason': dict(self.rejected)}
+            latency, model = np.array(self.latency), np.array(self.model)
+            queued = np.array(self.queued)
+        for name, values in (('latency', latency), ('model', model), ('queued', queued),
+                             ('overhead', latency - model - queued)):
+            if values.size:
+                out[f'{name}_ms'] = {'median': float(np.median(values) * 1e3),
+                                     'p95': float(np.percentile(values, 95) * 1e3),
+                                     'max': float(values.max() * 1e3)}
+        return out
+
+
+def warmup_scan(seed: int = 0, n: int = 4000) -> np.ndarray:
+    """A plausible street-like scan (ground ring, two walls) to warm the model up."""
+    rng = np.random.default_rng(seed)
+    radius = rng.uniform(4.0, 25.0, n)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    ground = np.stack([radius * np.cos(angle), radius * np.sin(angle),
+                       np.full(n, -1.73) + rng.normal(0, 0.02, n)], axis=1)
+    wall_x = rng.uniform(-25, 25, n // 4)
+    wall_z = rng.uniform(-1.7, 2.0, n // 4)
+    walls = np.concatenate([np.stack([wall_x, np.full_like(wall_x, side), wall_z], axis=1)
+                            for side in (-8.0, 8.0)])
+    return np.concatenate([ground, walls]).astype(np.float32)
+
+

@@ -1,0 +1,146 @@
+"""What every training loop shares: data and validation settings, learning-rate decay,
+loading and exporting diffusion networks, and the validation completion of a scan.
+
+The loops (:mod:`.teacher`, :mod:`.refine`, :mod:`.diffusion_dpo`, :mod:`.distill`) import from
+here, never from each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distdpo_ros.checkpoint import ModelBundle, save_model
+from distdpo_ros.completion import initial_cloud, postprocess, sample
+from distdpo_ros.config import ModelConfig, require_same_networks
+from distdpo_ros.models import DiffusionNet
+from distdpo_ros.settings import SamplingSettings
+from distdpo_training.engine import Engine
+
+
+@dataclass
+class DataConfig:
+    """Which sequences of --data train and validate the model."""
+
+    train: str | list[str] = 'train'  # 'train' / 'val' (SemanticKITTI splits) or sequence names
+    val: str | list[str] = 'val'
+    stride: int = 1  # use every stride-th scan of the training sequences
+    val_stride: int = 25  # validation scans are every val_stride-th scan of the val sequences
+
+
+@dataclass
+class ValidationConfig:
+    """How validation completes its scans."""
+
+    steps: int = 0  # sampler steps; 0: the model's default (teacher 50)
+    guidance: float = -1.0  # CFG weight; < 0: the model's default (teacher 6)
+    render: bool = True  # draw scan / prediction / ground truth of the first scan as a PNG
+
+
+class ConditionedDenoiser(nn.Module):
+    """Encoder + noise predictor in one forward call (what DDP wraps): eps_hat(x_t, t, scan)."""
+
+    def __init__(self, net: DiffusionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, scan: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, t, self.net.encode(scan))
+
+
+def drop_conditions(scan: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Scans with the dropped ones (drop (B,) bool) replaced by the all-zero (null) scan."""
+    return torch.where(drop[:, None, None], torch.zeros_like(scan), scan)
+
+
+def step_lr(optimizer: torch.optim.Optimizer, gamma: float, every_steps: int
+            ) -> torch.optim.lr_scheduler.StepLR:
+    """The learning-rate decay, stepped once per optimisation step."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, every_steps), gamma=gamma)
+
+
+def decay_period(cfg: Any, steps_per_epoch: int) -> int:
+    """Steps between learning-rate decays: lr_decay_steps, else lr_decay_epochs epochs."""
+    if cfg.lr_decay_steps > 0:
+        return int(cfg.lr_decay_steps)
+    return max(1, round(cfg.lr_decay_epochs * steps_per_epoch))
+
+
+def load_initial_net(path: str, model: ModelConfig) -> DiffusionNet:
+    """A DiffusionNet with the weights of a model checkpoint whose networks fit `model`."""
+    from distdpo_ros.checkpoint import load_model
+
+    bundle = load_model(path)
+    require_same_networks(bundle.config, model, path)
+    net = DiffusionNet(model)
+    net.load_state_dict(bundle.diffusion.state_dict())
+    return net
+
+
+def export_diffusion(out_dir: Path, net: DiffusionNet, model: ModelConfig, loop: str,
+                     info: dict[str, Any]) -> None:
+    """Write net in our model format with the run's provenance in config.notes."""
+    notes = dict(model.notes)
+    notes.update({'trained_by': f'distdpo train {loop}', **{k: v for k, v in info.items()
+                                                           if v is not None}})
+    config = dataclasses.replace(model, notes=notes)
+    save_model(out_dir, ModelBundle(config=config, diffusion=net), overwrite=True)
+
+
+def complete_for_validation(net: DiffusionNet, scan: torch.Tensor, model: ModelConfig,
+                            steps: int, guidance: float, generator: torch.Generator
+                            ) -> torch.Tensor:
+    """The Completer's diffusion + crop of one scan (M, 3) on the net's device: (P, 3)."""
+    settings = SamplingSettings.from_parameters(steps, guidance)
+    raw = sample(net, scan[None], model, steps=settings.steps, guidance=settings.guidance,
+                 generators=generator)
+    return postprocess(raw[0], initial_cloud(scan[None], model.replication)[0], model.max_range)
+
+
+def validation_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """CD (m) of a completion against its ground truth, plus F-score (%) and BEV JSD."""
+    from distdpo_ros import metrics
+
+    if len(pred) == 0:
+        return {'cd': float('inf')}
+    out = {'cd': metrics.chamfer_distance(pred, gt)}
+    out['fscore'] = float(metrics.precision_recall_fscore(pred, gt).fscore)
+    out['jsd_bev'] = float(metrics.jsd_bev(pred, gt))
+    return out
+
+
+def render_validation(out: Path, scan: np.ndarray, pred: np.ndarray, gt: np.ndarray,
+                      title: str, cd: float) -> None:
+    """scan | completion | ground truth as one PNG (skipped with a note without matplotlib)."""
+    try:
+        from distdpo_training.evaluation.render import Panel, render_figure
+    except ImportError as exc:
+        print(f'distdpo: validation render skipped ({exc})', file=sys.stderr)
+        return
+    render_figure([Panel('scan', scan), Panel('completion', pred, f'CD {cd:.3f} m'),
+                   Panel('ground truth', gt)], out, title=title, width_px=1500)
+
+
+def validate_completion(engine: Engine, net: DiffusionNet, model: ModelConfig,
+                        cfg: ValidationConfig, item: dict[str, Any], index: int, loop: str
+                        ) -> dict[str, float]:
+    """Complete one validation item and score it; the first item is also rendered (rank 0)."""
+    scan = torch.as_tensor(item['scan'], device=engine.device)
+    with engine.autocast():
+        pred = complete_for_validation(net, scan, model, cfg.steps, cfg.guidance,
+                                       engine.generator('val', index))
+    pred_np = pred.float().cpu().numpy()
+    row = validation_metrics(pred_np, np.asarray(item['gt']))
+    if cfg.render and index == 0 and engine.is_main:
+        out = engine.out / 'val' / f'step_{engine.step:07d}.png'
+        out.parent.mkdir(parents=True, exist_ok=True)
+        render_validation(out, np.asarray(item['scan']), pred_np, np.asarray(item['gt']),
+                          f'{loop} step {engine.step}', row['cd'])
+    return row
