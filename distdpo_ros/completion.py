@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -194,7 +194,8 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
            guidance: float | None = None, generators: Any = None, solver: str | None = None,
            init_noise_scale: float | None = None, batched_guidance: bool = True,
            encoder_once: bool = True, progress: bool = False,
-           timings: dict[str, float] | None = None) -> torch.Tensor:
+           timings: dict[str, float] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Complete scans (B, M, 3) into raw diffusion samples (B, K * M, 3); no crop, no refinement.
 
     `net` is a DiffusionNet (encode, null_condition, forward). `steps`, `guidance`, `solver` and
@@ -203,7 +204,8 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
     own seed only. Gradients flow (wrap the call in
     torch.inference_mode() for inference). `batched_guidance` and `encoder_once` switch off the two
     savings of GuidedDenoiser, for measurements; `timings` receives the seconds of the 'encode'
-    and 'denoise' stages.
+    and 'denoise' stages. `should_stop` is asked before every sampler step; True ends the call
+    with :class:`distdpo_ros.errors.Cancelled`.
     """
     settings = SamplingSettings(steps, guidance, solver=solver).resolved(config)
     lam = config.init_noise_scale if init_noise_scale is None else float(init_noise_scale)
@@ -218,7 +220,8 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
     def bounded(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return denoiser(clamp_to_scene_box(x_t, config.max_range), t)
 
-    out = sample_residual(bounded, x_init, run, generators, lam, progress=progress)
+    out = sample_residual(bounded, x_init, run, generators, lam, progress=progress,
+                          should_stop=should_stop)
     clock.lap('denoise')
     return out
 
@@ -279,13 +282,15 @@ class Completer:
                  guidance: float | None = None, refine: bool = False, seed: int | None = None,
                  *, solver: str | None = None, progress: bool = False,
                  batched_guidance: bool = True, encoder_once: bool = True,
-                 timings: dict[str, float] | None = None) -> np.ndarray:
+                 timings: dict[str, float] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Complete one scan (N, 3|>=4) into a dense (M, 3) float32 cloud in the scan's frame.
 
         `steps`, `guidance` and `solver` default to the model's (checked against it by
         :meth:`SamplingSettings.resolved`); `seed` makes the result repeatable (None draws a
         fresh one). `timings`, when given, receives the seconds spent in each stage
-        (preprocess, encode, denoise, postprocess, refine).
+        (preprocess, encode, denoise, postprocess, refine). `should_stop` is asked before
+        every sampler step; True ends the call with :class:`distdpo_ros.errors.Cancelled`.
         """
         settings = SamplingSettings(steps, guidance, refine, solver).resolved(
             self.config, self.has_refine)
@@ -302,7 +307,8 @@ class Completer:
             raw = sample(self.bundle.diffusion, scan, config, steps=settings.steps,
                          guidance=settings.guidance, generators=generator,
                          solver=settings.solver, batched_guidance=batched_guidance,
-                         encoder_once=encoder_once, progress=progress, timings=timings)
+                         encoder_once=encoder_once, progress=progress, timings=timings,
+                         should_stop=should_stop)
             clock.restart()
             completed = postprocess(raw[0], initial_cloud(scan, config.replication)[0],
                                     config.max_range)

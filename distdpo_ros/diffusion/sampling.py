@@ -13,8 +13,10 @@ import torch
 from tqdm import tqdm
 
 from distdpo_ros.diffusion.solvers import Solver
+from distdpo_ros.errors import Cancelled
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StopCheck = Callable[[], bool]  # True: stop before the next network evaluation
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -31,11 +33,13 @@ def randn(shape: Sequence[int], generators: Generators, device: torch.device | s
 
 def sample_residual(denoiser: Denoiser, x_init: torch.Tensor, solver: Solver,
                     generators: Generators = None, init_noise_scale: float = 1.0,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, should_stop: StopCheck | None = None
+                    ) -> torch.Tensor:
     """Run `solver` from x_T = x_init + init_noise_scale * eps down to x_0; returns x_0 (B, N, 3).
 
     `solver` must be fresh (one per call). Noise is drawn in a fixed order: eps first, then one
-    tensor per step.
+    tensor per step. `should_stop` is asked before every step; when it answers True the run ends
+    with :class:`distdpo_ros.errors.Cancelled` (a shutting-down node waits one step, not a scan).
     """
     batch = x_init.shape[0]
     residual = randn(x_init.shape, generators, x_init.device, x_init.dtype)
@@ -43,6 +47,8 @@ def sample_residual(denoiser: Denoiser, x_init: torch.Tensor, solver: Solver,
     timesteps = [torch.full((batch,), t, dtype=torch.long, device=x_init.device)
                  for t in solver.timesteps]
     for t in tqdm(timesteps, desc='denoising', unit='step', disable=not progress, leave=False):
+        if should_stop is not None and should_stop():
+            raise Cancelled('sampling stopped on request')
         eps = denoiser(x_init + residual, t)
         noise = randn(x_init.shape, generators, x_init.device, x_init.dtype)
         residual = solver.step(eps, residual, noise)

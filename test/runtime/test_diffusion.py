@@ -290,3 +290,20 @@ def test_init_noise_scale_sets_the_starting_spread() -> None:
     sample_residual(spy, x_init, DPMSolverSDE(SCHEDULE, 1), torch.Generator().manual_seed(0),
                     init_noise_scale=1.1)
     assert np.isclose((seen[0] - x_init).std().item(), 1.1, rtol=0.03)
+
+
+def test_sampling_stops_between_steps_when_asked():
+    from distdpo_ros.diffusion import NoiseSchedule, make_solver, sample_residual
+    from distdpo_ros.errors import Cancelled
+
+    calls = []
+
+    def denoiser(x_t, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    asked = iter([False, False, True])
+    with pytest.raises(Cancelled):
+        sample_residual(denoiser, torch.zeros(1, 8, 3), make_solver('dpm-solver++',
+                        NoiseSchedule(), 8), should_stop=lambda: next(asked))
+    assert len(calls) == 2  # two steps ran, the third was never started
