@@ -19,6 +19,7 @@ Run folder (OUT):
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import math
 import os
@@ -97,6 +98,7 @@ class Engine:
         self.wrapped: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+        self.emas: dict[str, tuple[nn.Module, float]] = {}  # trained module -> (average, decay)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.steps_per_epoch = 1
         self.best: float | None = None
@@ -134,6 +136,35 @@ class Engine:
         self.optimizers[name] = optimizer
         if scheduler is not None:
             self.schedulers[name] = scheduler
+
+    def add_ema(self, name: str, decay: float) -> nn.Module:
+        """An exponential moving average of the registered module `name`, updated by the engine
+        after every optimisation step and saved with the training state as `<name>_ema`.
+
+        The effective decay ramps up as min(decay, (1 + step) / (10 + step)), so early averages
+        are not dominated by the random initial weights. Buffers (BatchNorm statistics) are
+        copied, not averaged.
+        """
+        if not 0.0 < decay < 1.0:
+            raise UserError(f'EMA decay must lie in (0, 1), got {decay}')
+        average = copy.deepcopy(self.modules[name]).eval().requires_grad_(False)
+        self.modules[f'{name}_ema'] = average
+        self.emas[name] = (average, float(decay))
+        return average
+
+    def averaged(self, name: str) -> nn.Module:
+        """The EMA of module `name` when it has one, else the module itself."""
+        return self.emas[name][0] if name in self.emas else self.modules[name]
+
+    @torch.no_grad()
+    def _update_emas(self) -> None:
+        for name, (average, decay) in self.emas.items():
+            rate = 1.0 - min(decay, (1.0 + self.step) / (10.0 + self.step))
+            source = self.modules[name]
+            params = [p for p in average.parameters()]
+            torch._foreach_lerp_(params, [p.detach() for p in source.parameters()], rate)
+            for mine, theirs in zip(average.buffers(), source.buffers(), strict=True):
+                mine.copy_(theirs)
 
     def unwrap(self, name: str) -> nn.Module:
         return self.modules[name]
@@ -224,6 +255,7 @@ class Engine:
                     values = task.train_step(self, _to_device(batch, self.device), gens)
                     for sched in self.schedulers.values():
                         sched.step()
+                    self._update_emas()
                     self.step += 1
                     self.batch_in_epoch += 1
                     step_s += time.perf_counter() - t_step

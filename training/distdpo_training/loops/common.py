@@ -60,10 +60,17 @@ def drop_conditions(scan: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return torch.where(drop[:, None, None], torch.zeros_like(scan), scan)
 
 
-def step_lr(optimizer: torch.optim.Optimizer, gamma: float, every_steps: int
-            ) -> torch.optim.lr_scheduler.StepLR:
-    """The learning-rate decay, stepped once per optimisation step."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, every_steps), gamma=gamma)
+def lr_schedule(optimizer: torch.optim.Optimizer, gamma: float, every_steps: int,
+                warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then the rate times gamma every `every_steps` steps;
+    stepped once per optimisation step."""
+    every, warmup = max(1, int(every_steps)), max(0, int(warmup_steps))
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return ramp * gamma ** (step // every)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def decay_period(cfg: Any, steps_per_epoch: int) -> int:

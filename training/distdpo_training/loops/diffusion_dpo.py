@@ -52,7 +52,7 @@ from distdpo_training.loops.common import (
     drop_conditions,
     export_diffusion,
     load_initial_net,
-    step_lr,
+    lr_schedule,
     validate_completion,
 )
 
@@ -195,8 +195,8 @@ class DiffusionDPOTask:
         generate_pairs(engine, self.reference.net, self.pairs, self.cfg)  # only missing ones
         self.policy = engine.add_module('policy', ConditionedDenoiser(net))
         opt = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
-        engine.add_optimizer('adam', opt, step_lr(opt, self.cfg.lr_decay,
-                                                  decay_period(self.cfg, engine.steps_per_epoch)))
+        engine.add_optimizer('adam', opt, lr_schedule(
+            opt, self.cfg.lr_decay, decay_period(self.cfg, engine.steps_per_epoch)))
 
     def train_step(self, engine: Engine, batch: dict[str, Any], gens: list[torch.Generator]
                    ) -> dict[str, torch.Tensor]:

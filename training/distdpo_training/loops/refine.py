@@ -46,7 +46,7 @@ from distdpo_training.data.frames import FIRST_MOVING_CLASS, semantic
 from distdpo_training.data.kitti import KittiSequence, find_sequences
 from distdpo_training.data.maps import voxel_keys
 from distdpo_training.engine import Engine, EngineConfig, ModelSpec
-from distdpo_training.loops.common import DataConfig, decay_period, step_lr
+from distdpo_training.loops.common import DataConfig, decay_period, lr_schedule
 
 
 @dataclass
@@ -194,8 +194,8 @@ class RefineTask:
         net = RefineNet(self.model)
         self.net = engine.add_module('refine', net)
         opt = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
-        engine.add_optimizer('adam', opt, step_lr(opt, self.cfg.lr_decay,
-                                                  decay_period(self.cfg, engine.steps_per_epoch)))
+        engine.add_optimizer('adam', opt, lr_schedule(
+            opt, self.cfg.lr_decay, decay_period(self.cfg, engine.steps_per_epoch)))
 
     def train_step(self, engine: Engine, batch: dict[str, Any], gens: list[torch.Generator]
                    ) -> dict[str, torch.Tensor]:
