@@ -112,24 +112,40 @@ def test_evaluate_writes_everything_and_resumes_from_the_cache(
     # refined rows reuse the unrefined sample
     assert first_calls == 3 * (1 + 2)
 
-    rows = json.loads((out / 'results.json').read_text())
+    every = json.loads((out / 'results.json').read_text())
+    inputs, rows = every[:4], every[4:]
+    assert [r['model'] for r in inputs] == [
+        'input: raw scan', 'input: conditioning points', 'input: jittered conditioning',
+        'input: raw scan subsampled']
     assert [(r['model'], r['steps'], r['refine']) for r in rows] == [
         ('student', 1, False), ('student', 1, True), ('student', 2, False),
         ('student', 2, True), ('teacher', 1, False), ('teacher', 1, True)]
-    for row in rows:
+    for row in every:
         for key in ('cd', 'jsd', 'emd', 'precision', 'recall', 'fscore', 'iou_0.5', 'iou_0.2',
                     'iou_0.1', 'iou_legacy_0.5', 'seconds_per_scan'):
             assert isinstance(row[key], float), key
-        assert row['scans'] == 2 and row['failed'] == 0
-        assert row['seconds_per_scan'] > 0 and row['cd'] > 0
+        assert row['scans'] == 2 and row['failed'] == 0 and row['cd'] > 0
+    for row in rows:
+        assert row['seconds_per_scan'] > 0
+        assert set(row['beats_inputs']) == {r['baseline'] for r in inputs}
+        for name, (cd_better, f_better) in row['beats_inputs'].items():
+            base = next(r for r in inputs if r['baseline'] == name)
+            assert cd_better == (row['cd'] < base['cd'])
+            assert f_better == (row['fscore'] > base['fscore'])
+    # the tiny model's output is K x M = 800 points before the crop; the subsampled scan has as
+    # many, the conditioning points M = 200, the raw scan all its points in range
+    points = {r['baseline']: r['points_pred'] for r in inputs}
+    assert points['conditioning points'] == 200 and points['jittered conditioning'] == 800
+    assert points['raw scan subsampled'] == 800 < points['raw scan']
     raw, refined = rows[0], rows[1]
     assert refined['points_pred'] == 6 * raw['points_pred']  # x6 up-sampling of the same sample
     assert refined['seconds_per_scan'] > raw['seconds_per_scan']
     with open(out / 'results.csv', newline='') as handle:
         table = list(csv.DictReader(handle))
-    assert [float(r['cd']) for r in table] == pytest.approx([r['cd'] for r in rows])
+    assert [float(r['cd']) for r in table] == pytest.approx([r['cd'] for r in every])
     markdown = (out / 'results.md').read_text()
     assert '| Model | NFE | CD ↓ | JSD ↓ | EMD ↓ | P ↑ | R ↑ | F ↑ |' in markdown
+    assert '| input: conditioning points | - |' in markdown and 'beats inputs' in markdown
     assert '| student (Refined) | 2 |' in markdown and '| teacher | 1 |' in markdown
     assert markdown in printed
     for name in ('quality_vs_steps.png', 'time_vs_steps.png'):
@@ -140,7 +156,7 @@ def test_evaluate_writes_everything_and_resumes_from_the_cache(
     # the same command again: everything comes from the cache, no model runs
     assert _evaluate(*args) == 0
     assert counter.calls == first_calls
-    assert json.loads((out / 'results.json').read_text()) == rows
+    assert json.loads((out / 'results.json').read_text()) == every
 
 
 def test_killed_run_continues_where_it_stopped(dataset, tiny_model_dir, tmp_path, monkeypatch):
@@ -149,13 +165,15 @@ def test_killed_run_continues_where_it_stopped(dataset, tiny_model_dir, tmp_path
             '--out', str(out), '--device', 'cpu', '--renders', '0', '--no-warmup']
     CountingCompleter(monkeypatch, fail_after=2)  # 2 scans, then killed
     assert _evaluate(*args) == 130
-    assert len(list((out / 'cache').rglob('*.json'))) == 2
+    cached = [p.relative_to(out / 'cache').parts[0] for p in (out / 'cache').rglob('*.json')]
+    assert sum(not folder.startswith('input-') for folder in cached) == 2
+    assert len(cached) == 2 + 4 * 3  # the inputs of the third scan came before the model
     assert not (out / 'results.json').exists()
     monkeypatch.undo()
     counter = CountingCompleter(monkeypatch)
     assert _evaluate(*args) == 0
     assert counter.calls == 1  # the one scan that was missing
-    assert json.loads((out / 'results.json').read_text())[0]['scans'] == FRAMES
+    assert json.loads((out / 'results.json').read_text())[-1]['scans'] == FRAMES
 
 
 def test_two_shards_merge_into_the_metrics_of_a_direct_computation(dataset, tiny_model_dir,
@@ -165,7 +183,8 @@ def test_two_shards_merge_into_the_metrics_of_a_direct_computation(dataset, tiny
     scans = ev.KittiScans(dataset, 'val', max_range=30.0)
     evaluation = ev.Evaluation(models=[ev.ModelSpec('m', str(tiny_model_dir), (1,))],
                                scans=scans.scan_refs(), dataset=scans, out=tmp_path,
-                               settings=ev.Settings(seed=5), renders=0, warmup=False)
+                               settings=ev.Settings(seed=5), renders=0, warmup=False,
+                               baselines=False)
     assert ev.run_evaluation(evaluation, rank=1, world_size=2) is None  # its shard, no merge
     assert len(list((tmp_path / 'cache').rglob('*.json'))) == FRAMES // 2
     row = ev.run_evaluation(evaluation, rank=0, world_size=2)[0]

@@ -44,6 +44,9 @@ def test_teacher_learns_and_exports_a_model_the_completer_loads(sim_dataset: Pat
     assert np.mean(loss[-5:]) < 0.85 * np.mean(loss[:5])
     val = read_log(tmp_path / 'log.jsonl', kind='val')
     assert [r['step'] for r in val] == [0, 10, 20] and all(r['cd'] > 0 for r in val)
+    for name in ('raw', 'cond', 'jit', 'sub'):  # the input baselines sit beside the model
+        assert all(r[f'cd_input_{name}'] > 0 and r[f'fscore_input_{name}'] >= 0 for r in val)
+    assert len({r['cd_input_cond'] for r in val}) == 1  # the same scans at every validation
     completer = Completer.from_pretrained(tmp_path / 'model' / 'last', device='cpu')
     assert completer.config.notes['trained_by'] == 'distdpo train teacher'
     assert completer.config.notes['step'] == 20

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='points per cloud for the exact-assignment EMD (default: 2048)')
     parser.add_argument('--renders', type=int, default=3,
                         help='number of scans drawn as Fig.-1-style PNGs (default: 3)')
+    parser.add_argument('--no-inputs', dest='baselines', action='store_false',
+                        help='leave out the input baseline rows (raw scan, conditioning points, '
+                             'jittered conditioning points, raw scan subsampled to the output '
+                             'size) that every table otherwise starts with')
     parser.add_argument('--no-warmup', dest='warmup', action='store_false',
                         help='skip the untimed warm-up completion per model, step count and '
                              'process (the first scan\'s time then includes start-up costs)')
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, split=args.split,
         sequences=args.sequences.split(',') if args.sequences else None, limit=args.limit,
         refine=args.refine, max_range=args.max_range, renders=args.renders, warmup=args.warmup,
+        baselines=args.baselines,
         settings=ev.Settings(guidance=args.guidance, seed=args.seed, emd_points=args.emd_points))
     group = distributed.setup(args.device, timeout_minutes=DAY_MINUTES)
     evaluation.device = str(group.device)

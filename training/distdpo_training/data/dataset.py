@@ -198,9 +198,12 @@ class CompletionDataset(torch.utils.data.Dataset):
         if len(gt) == 0:
             raise UserError(f'{name}: no map point within {config.max_range} m in the cells '
                             'the scan sees; was the map built from these poses?')
-        return {'scan': subsample_scan(scan, config.scan_points),
+        item = {'scan': subsample_scan(scan, config.scan_points),
                 'gt': fixed_size(gt, config.full_points, rng),
                 'sequence': seq.name, 'frame': frame.index}
+        if not self.augment:  # validation: the scan's points in range, for the input baselines
+            item['raw'] = scan
+        return item
 
 
 def collate(items: list[dict]) -> dict:

@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from distdpo_ros.errors import UserError
-from distdpo_training.evaluation.reports import write_plots, write_renders, write_results
+from distdpo_training.evaluation.reports import (
+    compare_with_inputs,
+    write_plots,
+    write_renders,
+    write_results,
+)
 from distdpo_training.evaluation.runs import (
     Evaluation,
     KittiScans,
@@ -49,13 +54,14 @@ def plan_evaluation(models: Sequence[tuple[str | None, str, tuple[int, ...] | No
                     data: Path, out: Path, *, split: str = 'val',
                     sequences: Sequence[str] | None = None, limit: int | None = None,
                     refine: bool = False, settings: Settings | None = None,
-                    max_range: float | None = None, renders: int = 3, warmup: bool = True
-                    ) -> Evaluation:
+                    max_range: float | None = None, renders: int = 3, warmup: bool = True,
+                    baselines: bool = True) -> Evaluation:
     """An :class:`Evaluation` of `models`, each (name or None, checkpoint, steps or None).
 
     A missing name is the checkpoint folder's name, missing steps are the model's own; the ground
-    truth range defaults to the largest max_range of the models. Raises UserError for models
-    without refinement weights under `refine` and for repeated names.
+    truth range defaults to the largest max_range of the models. With `baselines` the tables
+    start with the input baselines of the same scans (:mod:`.baselines`). Raises UserError for
+    models without refinement weights under `refine` and for repeated names.
     """
     from distdpo_ros.checkpoint import load_config, resolve_model
 
@@ -75,7 +81,7 @@ def plan_evaluation(models: Sequence[tuple[str | None, str, tuple[int, ...] | No
     where = ', '.join(dataset.sequences)
     return Evaluation(
         models=specs, scans=scans, dataset=dataset, out=out, settings=settings or Settings(),
-        refine=refine, renders=renders, warmup=warmup,
+        refine=refine, renders=renders, warmup=warmup, baselines=baselines,
         description=f'{data.name} {"sequences" if sequences else split} ({where}), '
                     f'{len(scans)} scans')
 
@@ -83,6 +89,7 @@ def plan_evaluation(models: Sequence[tuple[str | None, str, tuple[int, ...] | No
 def finish(ev: Evaluation, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Merge the cache into results, tables, plots and renders (rank 0 only)."""
     rows = collect(ev, runs)
+    compare_with_inputs(rows)
     write_results(ev, rows)
     write_plots(ev, rows)
     write_renders(ev, runs)
@@ -92,7 +99,7 @@ def finish(ev: Evaluation, runs: Sequence[Run]) -> list[dict[str, Any]]:
 def run_evaluation(ev: Evaluation, rank: int = 0, world_size: int = 1,
                    barrier: Callable[[], None] = lambda: None) -> list[dict[str, Any]] | None:
     """Evaluate this rank's shard, wait for all ranks, and (rank 0) write the outputs."""
-    runs = make_runs(ev.models, ev.refine)
+    runs = make_runs(ev.models, ev.refine, ev.baselines)
     label = 'evaluate' if world_size == 1 else f'evaluate rank {rank}'
     counts = evaluate_shard(ev, runs, shard(ev.scans, rank, world_size), progress_label=label)
     print(f'{label}: {counts["computed"]} results computed, {counts["cached"]} from the cache '

@@ -196,23 +196,30 @@ def _mappable(norm: Any) -> Any:
 # evaluation plots
 
 
+BASELINE_STYLES = ('--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)))  # one per input baseline
+
+
 def plot_versus_steps(rows: Sequence[Mapping[str, Any]], out: str | os.PathLike,
                       metrics: Sequence[tuple[str, str]], *, panel_px: int = 420,
                       dpi: int = 150) -> Path:
     """One subplot per (key, label) in ``metrics``: value against sampler steps, a line per model.
 
-    ``rows`` are evaluation summary rows with ``model``, ``steps``, ``refine`` and the keys. The
-    legend sits below the subplots; each subplot is about ``panel_px`` pixels wide.
+    ``rows`` are evaluation summary rows with ``model``, ``steps``, ``refine`` and the keys; rows
+    with a ``baseline`` (the input baselines) are drawn as dotted horizontal lines. The legend
+    sits below the subplots; each subplot is about ``panel_px`` pixels wide.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     series: dict[str, list[Mapping[str, Any]]] = {}
+    levels = [r for r in rows if r.get('baseline')]  # input baselines: horizontal lines
+    rows = [r for r in rows if not r.get('baseline')]
     for row in rows:
         name = row['model'] + (' (Refined)' if row.get('refine') else '')
         series.setdefault(name, []).append(row)
     count = len(metrics)
-    legend_rows = math.ceil(len(series) / min(len(series), 2 * count)) if series else 0
+    entries = len(series) + len(levels)
+    legend_rows = math.ceil(entries / min(entries, 2 * count)) if entries else 0
     fig = Figure(figsize=(count * panel_px / dpi, (panel_px * 0.85 + 28 * legend_rows) / dpi),
                  dpi=dpi, layout='constrained')
     FigureCanvasAgg(fig)
@@ -225,6 +232,11 @@ def plot_versus_steps(rows: Sequence[Mapping[str, Any]], out: str | os.PathLike,
             ax.plot([r['steps'] for r in points], [r[key] for r in points],
                     marker='s' if refined else 'o', linestyle='--' if refined else '-',
                     color=f'C{index}', label=name, markersize=4)
+        for shade, level in enumerate(levels):
+            if _finite(level.get(key)):
+                ax.axhline(level[key], color=str(0.1 + 0.15 * shade),
+                           linestyle=BASELINE_STYLES[shade % len(BASELINE_STYLES)],
+                           linewidth=1.3, label=level['model'])
         ax.set_xscale('log', base=2)
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.minorticks_off()
@@ -232,9 +244,10 @@ def plot_versus_steps(rows: Sequence[Mapping[str, Any]], out: str | os.PathLike,
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    if series:
+    entries = len(series) + len(levels)
+    if entries:
         fig.legend(*axes[0].get_legend_handles_labels(), loc='outside lower center',
-                   ncols=min(len(series), 2 * count), fontsize=7, frameon=False)
+                   ncols=min(entries, 2 * count), fontsize=7, frameon=False)
     out = Path(out)
     with atomic_writer(out) as handle:
         fig.savefig(handle, format='png', dpi=dpi)

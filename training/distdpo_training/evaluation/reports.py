@@ -63,24 +63,55 @@ def _fmt(value: Any, digits: int) -> str:
     return f'{value:.{digits}f}'
 
 
+def compare_with_inputs(rows: Sequence[dict[str, Any]]) -> None:
+    """Add to every model row `beats_inputs`: {baseline: [lower CD, higher F-score]} against
+    the input baseline rows of the same evaluation (none when there are no baseline rows)."""
+    from distdpo_training.evaluation.baselines import beats
+
+    inputs = {r['baseline']: r for r in rows if r.get('baseline')}
+    for row in rows:
+        if not row.get('baseline') and inputs:
+            row['beats_inputs'] = {name: list(beats(row, base)) for name, base in inputs.items()}
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """'cond ✓✓ · jit ✓✗ · ...' (CD then F-score) for a model row, '' for a baseline."""
+    from distdpo_training.evaluation.baselines import SHORT
+
+    marks = row.get('beats_inputs') or {}
+    return ' · '.join(f'{SHORT.get(name, name)} ' + ''.join('✓' if ok else '✗' for ok in pair)
+                      for name, pair in marks.items())
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], settings: Settings, description: str = '',
                    device: str = '') -> str:
-    """The paper's Tables 1-2 layout, extended with P/R/F and IoU, plus the legacy IoU table."""
+    """The paper's Tables 1-2 layout, extended with P/R/F and IoU, plus the legacy IoU table.
+
+    Input baseline rows (NFE '-') come first; each model row then says which of them it beats
+    on CD and on F-score.
+    """
     sizes = settings.voxel_sizes
     iou_head = 'IoU ' + ' / '.join(f'{v:g}' for v in sizes) + ' m ↑'
     any_failed = any(r['failed'] for r in rows)
+    with_inputs = any(r.get('baseline') for r in rows)
     head = ['Model', 'NFE', 'CD ↓', 'JSD ↓', 'EMD ↓', 'P ↑', 'R ↑', 'F ↑', iou_head, 'Time (s) ↓']
+    if with_inputs:
+        head.append('beats inputs (CD F)')
     if any_failed:
         head.append('failed scans')
     lines = [f'# Scene completion{": " + description if description else ""}', '',
              '| ' + ' | '.join(head) + ' |',
              '|' + '|'.join(['---'] + ['---:'] * (len(head) - 1)) + '|']
     for r in rows:
-        cells = [r['model'] + (' (Refined)' if r['refine'] else ''), str(r['nfe']),
+        baseline = bool(r.get('baseline'))
+        cells = [r['model'] + (' (Refined)' if r['refine'] else ''),
+                 '-' if baseline else str(r['nfe']),
                  _fmt(r['cd'], 3), _fmt(r['jsd'], 3), _fmt(r['emd'], 3),
                  _fmt(r['precision'], 1), _fmt(r['recall'], 1), _fmt(r['fscore'], 1),
                  ' / '.join(_fmt(r[f'iou_{v:g}'], 1) for v in sizes),
-                 _fmt(r['seconds_per_scan'], 2)]
+                 '-' if baseline else _fmt(r['seconds_per_scan'], 2)]
+        if with_inputs:
+            cells.append(_verdict(r))
         if any_failed:
             cells.append(f'{r["failed"]} of {r["scans"]}')
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -92,7 +123,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], settings: Settings, descripti
         'threshold curve). IoU: % of occupied voxels over the whole ±50 m cube, counts summed '
         f'over scans. EMD: exact W1 between {settings.emd_points}-point space-filling-curve '
         'samples (not comparable with the released Sinkhorn values). Time: seconds of '
-        f'completion per scan{" on " + device if device else ""}, metrics excluded.',
+        f'completion per scan{" on " + device if device else ""}, metrics excluded.'
+        + (' Input rows: what the user has without a model, on the same scans (raw: every '
+           'scan point in range; cond: the conditioning points; jit: those tiled K times + '
+           '0.2 m noise; sub: the raw scan randomly subsampled to the output size K x M). '
+           '"beats inputs": ✓ where the model has the lower CD / the higher F-score.'
+           if with_inputs else ''),
         '',
         '## Legacy cropped IoU (released code before LiDiff e5305f9; central ±50·v m cube)',
         '',
@@ -118,14 +154,16 @@ def write_plots(ev: Evaluation, rows: Sequence[dict[str, Any]]) -> list[Path]:
     if first_iou:
         quality.append((first_iou, f'IoU {ev.settings.voxel_sizes[0]:g} m [%] ↑'))
     return [plot_versus_steps(rows, ev.out / 'quality_vs_steps.png', quality),
-            plot_versus_steps(rows, ev.out / 'time_vs_steps.png',
+            plot_versus_steps([r for r in rows if not r.get('baseline')],
+                              ev.out / 'time_vs_steps.png',
                               [('seconds_per_scan', 'seconds per scan ↓')], panel_px=640)]
 
 
 def _headline_runs(runs: Sequence[Run], default_steps: Callable[[str], int]) -> list[Run]:
     """Per model the run its figure panel shows: its default step count (else the most steps),
-    refined when evaluated refined."""
+    refined when evaluated refined. Input baselines have no panel (the figure shows the scan)."""
     chosen = []
+    runs = [r for r in runs if not r.baseline]
     for model in dict.fromkeys(r.model for r in runs):
         own = [r for r in runs if r.model == model]
         steps = {r.steps for r in own}

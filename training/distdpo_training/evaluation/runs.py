@@ -34,13 +34,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """One row of the tables: a model at a step count, refined or not."""
+    """One row of the tables: a model at a step count, refined or not, or an input baseline
+    (`baseline` names it; `path` is then the model whose config sets its range and size)."""
 
     model: str
     path: str
     digest: str
     steps: int
     refine: bool
+    baseline: str = ''
 
     @property
     def label(self) -> str:
@@ -48,6 +50,8 @@ class Run:
 
     @property
     def key(self) -> str:
+        if self.baseline:
+            return f'input-{_slug(self.baseline)}-{self.digest[:12]}'
         return f'{_slug(self.model)}-{self.digest[:12]}/steps{self.steps:03d}-' + (
             'refined' if self.refine else 'raw')
 
@@ -94,6 +98,7 @@ class Evaluation:
     renders: int = 3
     description: str = ''
     warmup: bool = True  # one untimed completion per (model, steps) and process
+    baselines: bool = True  # also score the input baselines on the same scans
 
 
 def _slug(text: str) -> str:
@@ -121,14 +126,27 @@ def model_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def make_runs(models: Sequence[ModelSpec], refine: bool) -> list[Run]:
-    runs = []
+def make_runs(models: Sequence[ModelSpec], refine: bool, baselines: bool = True) -> list[Run]:
+    """The input baselines (sized by the first model's config) and then every model's runs."""
+    runs = baseline_runs(models[0].path) if baselines and models else []
     for spec in models:
         digest = model_digest(spec.path)
         for steps in spec.steps:
             for refined in ((False, True) if refine else (False,)):
                 runs.append(Run(spec.name, spec.path, digest, steps, refined))
     return runs
+
+
+def baseline_runs(path: str) -> list[Run]:
+    """One run per input baseline, with the range and sizes of the model at `path`."""
+    from distdpo_ros.checkpoint import load_config
+    from distdpo_training.evaluation.baselines import BASELINES
+
+    config = load_config(path)
+    fields = ('min_range', 'max_range', 'min_z', 'scan_points', 'replication')
+    digest = hashlib.sha256(json.dumps([getattr(config, f) for f in fields]).encode()
+                            ).hexdigest()
+    return [Run(f'input: {name}', path, digest, 0, False, baseline=name) for name in BASELINES]
 
 
 def evenly_spaced(count: int, limit: int | None) -> list[int]:

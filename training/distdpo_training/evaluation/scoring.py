@@ -132,9 +132,13 @@ def evaluate_shard(ev: Evaluation, runs: Sequence[Run], scans: Sequence[ScanRef]
             if not todo:
                 continue
             points, gt = ev.dataset.scan_and_ground_truth(scan)
+            inputs: dict[str, Any] = {}  # the baseline clouds of this scan, made once
             for run in _group_refined(todo):
-                completer = models.get(run.path)
                 seed = ev.settings.seed + scan.order
+                if run.baseline:
+                    _evaluate_baseline(ev, cache, run, scan, points, gt, seed, inputs)
+                    continue
+                completer = models.get(run.path)
                 if ev.warmup and (run.path, run.steps) not in models.warm:
                     _try_complete(completer, points, run, ev.settings, seed)
                     models.warm.add((run.path, run.steps))
@@ -149,13 +153,40 @@ def evaluate_shard(ev: Evaluation, runs: Sequence[Run], scans: Sequence[ScanRef]
 
 
 def _group_refined(todo: Sequence[Run]) -> list[Run]:
-    """One representative per (model, steps): raw and refined rows share one diffusion."""
+    """One representative per (model, steps): raw and refined rows share one diffusion.
+    Every input baseline is its own group."""
     seen, out = set(), []
     for run in todo:
-        if (run.path, run.steps) not in seen:
-            seen.add((run.path, run.steps))
+        group = (run.path, run.steps, run.baseline)
+        if group not in seen:
+            seen.add(group)
             out.append(run)
     return out
+
+
+def _evaluate_baseline(ev: Evaluation, cache: ScanCache, run: Run, scan: ScanRef,
+                       points: np.ndarray, gt: np.ndarray, seed: int,
+                       inputs: dict[str, Any]) -> None:
+    """Score and cache one input baseline of a scan (see evaluation.baselines); `inputs` holds
+    the scan's baseline clouds (or the reason they failed) once made."""
+    from distdpo_ros.checkpoint import load_config
+    from distdpo_training.evaluation.baselines import scan_input_clouds
+
+    base = {'scan': scan.key, 'sequence': scan.sequence, 'frame': scan.frame,
+            'points_input': int(len(points)), 'seed': seed, 'seconds': 0.0}
+    if not inputs:
+        try:
+            inputs.update(scan_input_clouds(points, load_config(run.path), seed, scan.key))
+        except UserError as exc:  # a scan with too few valid points
+            inputs['failed'] = str(exc)
+    record = dict(base)
+    if 'failed' in inputs:
+        record['failed'] = inputs['failed']
+    elif len(gt) == 0:
+        record['failed'] = 'empty ground truth'
+    else:
+        record.update(_score(inputs[run.baseline], gt, ev.settings, ev.device, seed))
+    cache.store(run, scan, record)
 
 
 def _try_complete(completer: Any, points: np.ndarray, run: Run, settings: Settings,
@@ -201,7 +232,7 @@ def summarise(run: Run, records: Sequence[dict[str, Any]],
     good = [r for r in records if 'failed' not in r]
     row: dict[str, Any] = {
         'model': run.model, 'steps': run.steps, 'nfe': run.steps, 'refine': run.refine,
-        'scans': len(records), 'failed': len(records) - len(good),
+        'baseline': run.baseline, 'scans': len(records), 'failed': len(records) - len(good),
     }
     for key in ('cd', 'jsd', 'jsd_3d', 'emd', 'precision', 'recall', 'fscore'):
         values = np.array([r[key] for r in good], dtype=np.float64)

@@ -138,16 +138,27 @@ def render_validation(out: Path, scan: np.ndarray, pred: np.ndarray, gt: np.ndar
 def validate_completion(engine: Engine, net: DiffusionNet, model: ModelConfig,
                         cfg: ValidationConfig, item: dict[str, Any], index: int, loop: str
                         ) -> dict[str, float]:
-    """Complete one validation item and score it; the first item is also rendered (rank 0)."""
+    """Complete one validation item and score it, beside the input baselines of the same scan
+    (`cd_input_raw`, `fscore_input_cond`, ...: see evaluation.baselines) when the item carries
+    its raw points; the first item is also rendered (rank 0)."""
+    from distdpo_training.evaluation.baselines import SHORT, input_clouds
+
     scan = torch.as_tensor(item['scan'], device=engine.device)
     with engine.autocast():
         pred = complete_for_validation(net, scan, model, cfg.steps, cfg.guidance,
                                        engine.generator('val', index))
     pred_np = pred.float().cpu().numpy()
-    row = validation_metrics(pred_np, np.asarray(item['gt']))
+    gt = np.asarray(item['gt'])
+    row = validation_metrics(pred_np, gt)
+    if 'raw' in item:
+        clouds = input_clouds(np.asarray(item['raw']), np.asarray(item['scan']), model, index)
+        for name, cloud in clouds.items():
+            scores = validation_metrics(cloud, gt)
+            row[f'cd_input_{SHORT[name]}'] = scores['cd']
+            row[f'fscore_input_{SHORT[name]}'] = scores['fscore']
     if cfg.render and index == 0 and engine.is_main:
         out = engine.out / 'val' / f'step_{engine.step:07d}.png'
         out.parent.mkdir(parents=True, exist_ok=True)
-        render_validation(out, np.asarray(item['scan']), pred_np, np.asarray(item['gt']),
+        render_validation(out, np.asarray(item['scan']), pred_np, gt,
                           f'{loop} step {engine.step}', row['cd'])
     return row
