@@ -231,6 +231,12 @@ def precision_recall_fscore(pred: Any, gt: Any,
     return prf_from_distances(*_both_directions(pred, gt, 'precision_recall_fscore'), thresholds)
 
 
+def chamfer_and_fscore(pred: Any, gt: Any) -> tuple[float, float]:
+    """(CD in metres, F-score in %) from one pair of nearest-neighbour searches."""
+    d_pg, d_gp = _both_directions(pred, gt, 'chamfer_and_fscore')
+    return chamfer_from_distances(d_pg, d_gp), prf_from_distances(d_pg, d_gp).fscore
+
+
 # ---------------------------------------------------------------------------------------------
 # voxel keys: Jensen-Shannon distance and completion IoU
 

@@ -53,6 +53,11 @@ def test_summary_has_latency_and_quality(demo_run: tuple[Path, str]) -> None:
     # The printed table names the numbers and where the outputs are.
     assert f'{FRAMES} of {FRAMES}' in printed and 'latency [ms]' in printed
     assert f'CD {quality["cd"]:.3f} m' in printed
+    inputs = summary['inputs']  # the input baselines of the same scans sit beside the model
+    assert set(inputs) == {'raw', 'cond', 'jit', 'sub'}
+    assert all(v['cd'] > 0 and 0 <= v['fscore'] <= 100 for v in inputs.values())
+    assert 'input: conditioning points' in printed
+    assert f'CD {inputs["cond"]["cd"]:.3f} m' in printed
     for name in ('summary.json', 'completed', 'demo.png'):
         assert str(out / name) in printed
 

@@ -225,7 +225,8 @@ def test_ablation_writes_one_table_and_skips_finished_runs(sim_dataset, tmp_path
     assert main(args) == 0
     table = (tmp_path / 'abl' / 'ablation.md').read_text()
     for text in ('Table 2', 'teacher, 50 steps', 'teacher, 8 steps', 'zero student gradient',
-                 '1 steps', '| CD (m) |'):
+                 '1 steps', '| CD (m) |', '| input: conditioning points |',
+                 '| input: raw scan subsampled |'):
         assert text in table
     capsys.readouterr()
     assert main(args) == 0  # a second run recomputes nothing

@@ -101,12 +101,15 @@ def train_variant(variant: Variant, args: Any) -> Path:
     return run
 
 
-def evaluate(model: Path, name: str, steps: tuple[int, ...], args: Any) -> list[dict[str, Any]]:
-    """The evaluation rows of one model (cached per scan, so a rerun recomputes nothing)."""
+def evaluate(model: Path, name: str, steps: tuple[int, ...], args: Any,
+             inputs: bool = False) -> list[dict[str, Any]]:
+    """The evaluation rows of one model (cached per scan, so a rerun recomputes nothing),
+    after the input baseline rows of the same scans when `inputs`."""
     evaluation = plan_evaluation(
         [(name, str(model), steps)], args.data, args.out / 'eval' / name,
         sequences=args.sequences.split(','), limit=args.limit or None, refine=args.refine,
-        renders=args.renders, settings=Settings(seed=args.seed, emd_points=args.emd_points))
+        renders=args.renders, settings=Settings(seed=args.seed, emd_points=args.emd_points),
+        baselines=inputs)
     evaluation.device = str(resolve_device(args.device))
     return run_evaluation(evaluation)
 
@@ -123,7 +126,8 @@ COLUMNS = (('NFE', 'nfe', 0), ('CD (m)', 'cd', 3), ('JSD', 'jsd', 3), ('EMD (m)'
 
 def markdown(tables: dict[str, list[dict[str, Any]]], teacher: list[dict[str, Any]],
              header: str) -> str:
-    """The ablation tables; every table starts with the teacher rows for reference."""
+    """The ablation tables; every table starts with the input baselines and the teacher rows
+    for reference."""
     lines = [header, '']
     for key, title in TABLES:
         rows = tables.get(key)
@@ -133,7 +137,8 @@ def markdown(tables: dict[str, list[dict[str, Any]]], teacher: list[dict[str, An
                   '|---|' + '---:|' * len(COLUMNS)]
         for row in [*teacher, *rows]:
             refined = ' (refined)' if row.get('refine') else ''
-            cells = [_cell(row.get(k, float('nan')), d) for _, k, d in COLUMNS]
+            cells = ['-' if row.get('baseline') and k in ('nfe', 'seconds_per_scan')
+                     else _cell(row.get(k, float('nan')), d) for _, k, d in COLUMNS]
             lines.append(f'| {row["label"]}{refined} | ' + ' | '.join(cells) + ' |')
         lines.append('')
     return '\n'.join(lines)
@@ -143,9 +148,9 @@ def run_ablation(args: Any) -> Path:
     """Train and evaluate the selected variants; write OUT/ablation.md and OUT/ablation.json."""
     variants = select(args.variants)
     runs = {v.name: train_variant(v, args) for v in variants}
-    teacher_rows = evaluate(args.teacher, 'teacher', (8, 50), args)
-    for row in teacher_rows:
-        row['label'] = f'teacher, {row["steps"]} steps'
+    teacher_rows = evaluate(args.teacher, 'teacher', (8, 50), args, inputs=True)
+    for row in teacher_rows:  # the input baselines of the same scans, then the teacher
+        row['label'] = row['model'] if row['baseline'] else f'teacher, {row["steps"]} steps'
     tables: dict[str, list[dict[str, Any]]] = {}
     every = list(teacher_rows)
     for v in variants:

@@ -117,10 +117,8 @@ def validation_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
     if len(pred) == 0:
         return {'cd': float('inf')}
-    out = {'cd': metrics.chamfer_distance(pred, gt)}
-    out['fscore'] = float(metrics.precision_recall_fscore(pred, gt).fscore)
-    out['jsd_bev'] = float(metrics.jsd_bev(pred, gt))
-    return out
+    cd, fscore = metrics.chamfer_and_fscore(pred, gt)
+    return {'cd': cd, 'fscore': fscore, 'jsd_bev': float(metrics.jsd_bev(pred, gt))}
 
 
 def render_validation(out: Path, scan: np.ndarray, pred: np.ndarray, gt: np.ndarray,
@@ -141,6 +139,7 @@ def validate_completion(engine: Engine, net: DiffusionNet, model: ModelConfig,
     """Complete one validation item and score it, beside the input baselines of the same scan
     (`cd_input_raw`, `fscore_input_cond`, ...: see evaluation.baselines) when the item carries
     its raw points; the first item is also rendered (rank 0)."""
+    from distdpo_ros import metrics
     from distdpo_training.evaluation.baselines import SHORT, input_clouds
 
     scan = torch.as_tensor(item['scan'], device=engine.device)
@@ -153,9 +152,9 @@ def validate_completion(engine: Engine, net: DiffusionNet, model: ModelConfig,
     if 'raw' in item:
         clouds = input_clouds(np.asarray(item['raw']), np.asarray(item['scan']), model, index)
         for name, cloud in clouds.items():
-            scores = validation_metrics(cloud, gt)
-            row[f'cd_input_{SHORT[name]}'] = scores['cd']
-            row[f'fscore_input_{SHORT[name]}'] = scores['fscore']
+            cd, fscore = metrics.chamfer_and_fscore(cloud, gt)
+            row[f'cd_input_{SHORT[name]}'] = cd
+            row[f'fscore_input_{SHORT[name]}'] = fscore
     if cfg.render and index == 0 and engine.is_main:
         out = engine.out / 'val' / f'step_{engine.step:07d}.png'
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import numpy as np
 from distdpo_ros import checkpoint as ckpt
 from distdpo_ros.errors import UserError
 from distdpo_ros.settings import SamplingSettings
+from distdpo_training.evaluation.baselines import BASELINES, SHORT
 
 MARKER = '.distdpo-demo'
 DRIVE_DIR = 'drive'  # the simulated dataset (sequences/00, bags/00); removed unless keep
@@ -42,6 +43,8 @@ SEQUENCE = '00'
 STAGES = 5
 NODE_WAIT = 600.0  # seconds a node in another process may take for one scan
 QUALITY_KEYS = ('cd', 'fscore', 'precision', 'recall', 'jsd', 'jsd_3d', 'emd')
+INPUT_LABELS = {SHORT[name]: name for name in BASELINES}  # the input baselines, by short name
+INPUT_NAMES = tuple(INPUT_LABELS)
 
 
 @dataclass
@@ -147,7 +150,7 @@ def replay_drive(opts: DemoOptions, model_dir: Path, bag: Path, frames: int) -> 
         return replay(replay_opts, progress=bar.update)
 
 
-def score_recording(record: Path, dataset: Path, max_range: float
+def score_recording(record: Path, dataset: Path, config: Any
                     ) -> tuple[list[dict[str, Any]], dict[int, np.ndarray]]:
     """Score every completed cloud of the recorded bag against the ground truth: (metrics rows
     by frame, completed xyz by stamp)."""
@@ -160,7 +163,7 @@ def score_recording(record: Path, dataset: Path, max_range: float
     completed = list(BagFrames(record, topic=OUTPUT_TOPIC))  # each has stamp_ns and xyz
     _stage(4, f'scoring the {len(completed)} recorded completions against the ground truth')
     with tqdm(total=len(completed), desc='score', unit='scan') as bar:
-        rows = GroundTruth(dataset, max_range).evaluate(completed, progress=bar.update)
+        rows = GroundTruth(dataset, config).evaluate(completed, progress=bar.update)
     return sorted(rows, key=lambda r: r['frame']), {f.stamp_ns: f.xyz for f in completed}
 
 
@@ -247,8 +250,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             raise UserError('the completion node returned no completed cloud'
                             + (f'; its output:\n{output}' if output else ''))
         clock = time.perf_counter()
-        rows, completions = score_recording(opts.out / RECORD_DIR, opts.out / DRIVE_DIR,
-                                            config.max_range)
+        rows, completions = score_recording(opts.out / RECORD_DIR, opts.out / DRIVE_DIR, config)
         if not rows:
             raise UserError(f'{opts.out / RECORD_DIR}: no recorded completion could be scored')
         seconds['score'] = time.perf_counter() - clock
@@ -273,6 +275,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         'latency_ms': replayed.get('latency_ms', {}),
         'node_stats': replayed.get('node', {}),
         'quality': {k: float(np.mean([r[k] for r in rows])) for k in QUALITY_KEYS},
+        'inputs': {name: {m: float(np.mean([r[f'{m}_input_{name}'] for r in rows]))
+                          for m in ('cd', 'fscore')} for name in INPUT_NAMES},
         'quality_per_frame': [{k: r[k] for k in ('frame', 'stamp_ns', *QUALITY_KEYS)}
                               for r in rows],
         'picture': shown,
@@ -304,9 +308,17 @@ def summary_table(s: dict[str, Any]) -> str:
     timing('  model [ms]', s['node_stats'].get('model_ms'))
     timing('  node overhead [ms]', s['node_stats'].get('overhead_ms'), 1)
     q = s['quality']
-    lines += [f'  {"quality vs GT (mean of " + str(frames["scored"]) + ")":<28}'
-              f'CD {q["cd"]:.3f} m (lower is better)   F-score {q["fscore"]:.1f} %   '
-              f'JSD {q["jsd"]:.3f}',
+    lines.append(f'  {"quality vs GT (mean of " + str(frames["scored"]) + ")":<28}'
+                 f'CD {q["cd"]:.3f} m (lower is better)   F-score {q["fscore"]:.1f} %   '
+                 f'JSD {q["jsd"]:.3f}')
+    for name, label in INPUT_LABELS.items():  # what the user has without the model
+        base = s['inputs'][name]
+        verdict = ('beats it' if q['cd'] < base['cd'] and q['fscore'] > base['fscore'] else
+                   'loses to it' if q['cd'] > base['cd'] and q['fscore'] < base['fscore'] else
+                   'mixed')
+        lines.append(f'  {"  input: " + label:<28}CD {base["cd"]:.3f} m   F-score '
+                     f'{base["fscore"]:.1f} %   (the model {verdict})')
+    lines += [
               f'  {"summary":<28}{s["outputs"]["summary"]}',
               f'  {"completed clouds (bag)":<28}{s["outputs"]["recorded_bag"]}',
               f'  {"picture":<28}{s["outputs"]["picture"]} (scan {s["picture"]["frame"]})']

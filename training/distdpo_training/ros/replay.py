@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from distdpo_ros.config import ModelConfig
 from distdpo_ros.errors import UserError
 from distdpo_ros.ros_env import use_local_ros_network
 from distdpo_training.data.bags import CLOUD_TYPE, BagRecorder, BagStream, stamp_ns, typestore
@@ -181,7 +182,7 @@ def replay(opts: ReplayOptions, completer: Any = None,
     from distdpo_ros.node import CompletionNode
     from distdpo_ros.node_support import INPUT_TOPIC, OUTPUT_TOPIC
 
-    gt_frames = (GroundTruth(opts.gt, _gt_range(opts, completer)) if opts.gt is not None
+    gt_frames = (GroundTruth(opts.gt, _model_config(opts, completer)) if opts.gt is not None
                  else None)
     stream = BagStream(opts.bag, opts.topic)
     recorder = (BagRecorder(opts.record, opts.storage, OUTPUT_TOPIC, stream.tf) if opts.record
@@ -258,14 +259,14 @@ def replay(opts: ReplayOptions, completer: Any = None,
     return report
 
 
-def _gt_range(opts: ReplayOptions, completer: Any) -> float:
-    """The model's max_range: the ground truth is cropped like the completion."""
+def _model_config(opts: ReplayOptions, completer: Any) -> Any:
+    """The replayed model's config (its range crops the ground truth and sizes the baselines)."""
     config = getattr(completer, 'config', None)
     if config is None:
         from distdpo_ros.checkpoint import load_config
 
         config = load_config(opts.model)
-    return float(config.max_range)
+    return config
 
 
 def _all_answered(report: ReplayReport) -> bool:
@@ -359,9 +360,11 @@ def _play(opts: ReplayOptions, stream: BagStream, publisher: Any, recorder: BagR
 
 class GroundTruth:
     """Evaluation ground truth of the dataset sequence a bag was made from (kitti2bag or
-    `simulate --bag`), matched to completed clouds by their stamps (times.txt)."""
+    `simulate --bag`), matched to completed clouds by their stamps (times.txt). The ground truth
+    is cropped to the model's range; every scored frame also carries the scores of the input
+    baselines of its scan (`cd_input_raw`, `fscore_input_cond`, ...: evaluation.baselines)."""
 
-    def __init__(self, path: Path, max_range: float) -> None:
+    def __init__(self, path: Path, config: ModelConfig) -> None:
         from distdpo_training.data.kitti import KittiSequence, find_sequences
 
         sequences = [KittiSequence(p) for p in find_sequences(path)]
@@ -370,7 +373,8 @@ class GroundTruth:
                 raise UserError(f'{seq.map_path}: ground-truth map is missing; run '
                                 f'`distdpo build-maps {path}` first')
         self.sequences = sequences
-        self.max_range = max_range
+        self.config = config
+        self.max_range = float(config.max_range)
 
     def _locate(self, stamps: list[int]) -> tuple[Any, dict[int, int]]:
         """The sequence sharing most stamps with the completions, and stamp -> scan position."""
@@ -388,6 +392,7 @@ class GroundTruth:
         from distdpo_ros import metrics
         from distdpo_training.data.dataset import MapIndex, evaluation_ground_truth
         from distdpo_training.data.maps import load_map
+        from distdpo_training.evaluation.baselines import SHORT, scan_input_clouds
 
         if not completed:
             return []
@@ -400,7 +405,14 @@ class GroundTruth:
                 continue
             gt = evaluation_ground_truth(sequence, position, index, max_range=self.max_range)
             scores = metrics.scan_metrics(done.xyz, gt)
-            rows.append({'sequence': sequence.name, 'frame': int(sequence.frame_ids[position]),
+            frame = int(sequence.frame_ids[position])
+            inputs = scan_input_clouds(sequence.scan(position), self.config, frame,
+                                       f'{sequence.name} frame {frame}')
+            for name, cloud in inputs.items():
+                cd, fscore = metrics.chamfer_and_fscore(cloud, gt)
+                scores[f'cd_input_{SHORT[name]}'] = cd
+                scores[f'fscore_input_{SHORT[name]}'] = fscore
+            rows.append({'sequence': sequence.name, 'frame': frame,
                          'stamp_ns': done.stamp_ns, **scores})
             if progress is not None:
                 progress(1)
