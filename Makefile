@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.distdpo-installed
 APT_PACKAGES := libusb-1.0-0 libgomp1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-device clean
 setup: $(STAMP)
 
 $(STAMP): setup.py Makefile
@@ -30,6 +30,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q test
+
+# The CUDA path in one run (distdpo bench device, < 8 min on a GPU): JSON to BENCH_OUT and stdout.
+# Needs no setup: on a GPU machine without .venv it runs the checkout with the system python3
+# (torch, numpy, scipy, safetensors, pyyaml, tqdm); on a CPU it runs the reduced form.
+BENCH_PY  ?= $(shell [ -x $(PY) ] && echo $(PY) || echo python3)
+BENCH_OUT ?= bench_device.json
+bench-device:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/training$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(BENCH_PY) -m distdpo_ros.cli bench device --json --out $(BENCH_OUT) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check distdpo_ros training test launch

@@ -16,5 +16,7 @@ GROUPS: dict[str, dict[str, tuple[str, str]]] = {
         'backbone': (_M + 'bench_backbone', 'forward time of the sparse backbone'),
         'sampling': (_M + 'bench_sampling', 'completion time at 1/2/4/8/50 steps'),
         'pointcloud': (_M + 'bench_pointcloud', 'PointCloud2 <-> numpy conversion speed'),
+        'device': (_M + 'bench_device', 'the CUDA path in one run: CPU/CUDA accuracy, full-scale '
+                   'completion, node latency, training step, GPU memory (JSON)'),
     },
 }

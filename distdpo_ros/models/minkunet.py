@@ -107,7 +107,8 @@ class MinkUNetDiff(nn.Module):
         if cond.batch_size != x.batch_size or len(t) != x.batch_size:
             raise ValueError(f'batch mismatch: x has {x.batch_size} items, condition '
                              f'{cond.batch_size}, t {len(t)}')
-        temb = timestep_embedding(t, self.embed_dim)
+        # in the parameters' dtype (float32, or float64 for a reference run); autocast unchanged
+        temb = timestep_embedding(t, self.embed_dim).to(self.last[0].weight.dtype)
         matches: dict[int, Tensor] = {}  # nearest condition row per voxel, shared by levels
 
         def modulate(name: str, h: SparseTensor) -> SparseTensor:
