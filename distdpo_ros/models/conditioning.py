@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from distdpo_ros.sparse import nearest_reference
+from distdpo_ros.sparse.neighbours import ReferenceIndex
 
 
 @dataclass
@@ -17,13 +17,15 @@ class Condition:
 
     ``coords`` (E, 4) int64 rows (item, x, y, z) in stride-1 voxel units (multiples of ``stride``),
     ``feats`` (E, C) the encoder features, ``batch_size`` the number of items (each has >= 1
-    voxel).
+    voxel). The nearest-voxel search structure over ``coords`` is built on first use and kept,
+    so every UNet level and every call with this condition (all steps of a sampler) share it.
     """
 
     coords: Tensor
     feats: Tensor
     batch_size: int
     stride: int = 16
+    _index: ReferenceIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.coords) != len(self.feats):
@@ -56,7 +58,9 @@ class Condition:
                          self.stride)
 
     def detach(self) -> Condition:
-        return Condition(self.coords, self.feats.detach(), self.batch_size, self.stride)
+        out = Condition(self.coords, self.feats.detach(), self.batch_size, self.stride)
+        out._index = self._index  # same coordinates, same search structure
+        return out
 
     def nearest(self, coords: Tensor, replicas: int) -> Tensor:
         """Nearest condition row for every voxel row and replica of a UNet level, same item only.
@@ -64,9 +68,11 @@ class Condition:
         coords: (N, 4) geometry rows (batch b, x, y, z); item of replica r is ``b * R + r``.
         Returns (N * R,) rows of this condition, voxel-major like sparse features.
         """
-        rows = []
-        for r in range(replicas):
-            query = coords.clone()
-            query[:, 0] = coords[:, 0] * replicas + r
-            rows.append(nearest_reference(query, self.coords, self.stride))
-        return torch.stack(rows, dim=1).reshape(-1)
+        if self._index is None:
+            self._index = ReferenceIndex(self.coords, self.stride)
+        if replicas == 1:
+            return self._index.nearest(coords)
+        query = coords.repeat_interleave(replicas, dim=0)
+        query[:, 0] = query[:, 0] * replicas + torch.arange(
+            replicas, device=coords.device).repeat(len(coords))
+        return self._index.nearest(query)

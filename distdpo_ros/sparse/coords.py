@@ -14,7 +14,8 @@ shares it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,12 +85,15 @@ class KernelMap:
     ``pairs`` holds (kernel index, input rows, output rows) for every kernel weight that has pairs;
     ``identity`` names the kernel weight, if any, that maps every voxel onto itself (the centre of
     a submanifold convolution), applied as one dense matrix product without index work.
+    ``cache`` holds what the convolution derives from the pairs (built once per map, shared by
+    every layer and call that uses it).
     """
 
     n_in: int
     n_out: int
     pairs: tuple[tuple[int, Tensor, Tensor], ...]
     identity: int | None = None
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def transposed(self) -> KernelMap:
         """The pairs read backwards (gradient of a convolution, or a transposed convolution)."""
@@ -116,6 +120,7 @@ class CoordinateManager:
         self._coords: dict[int, Tensor] = {}
         self._submanifold: dict[int, KernelMap] = {}
         self._down: dict[int, KernelMap] = {}
+        self._up: dict[int, KernelMap] = {}
 
     @classmethod
     def from_coordinates(cls, coords: Tensor, batch_size: int | None = None) -> CoordinateManager:
@@ -166,7 +171,9 @@ class CoordinateManager:
         """Transposed kernel-2 map from ``stride`` onto the existing set at ``stride // 2``."""
         if stride // 2 not in self._keys:
             raise ValueError(f'no coordinate set at stride {stride // 2} to up-sample onto')
-        return self.downsample_map(stride // 2).transposed()
+        if stride not in self._up:
+            self._up[stride] = self.downsample_map(stride // 2).transposed()
+        return self._up[stride]
 
     def _build_submanifold(self, stride: int) -> KernelMap:
         keys = self.keys(stride)

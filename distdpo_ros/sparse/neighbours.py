@@ -42,28 +42,46 @@ def nearest_reference(query: Tensor, ref: Tensor, spacing: int) -> Tensor:
 
     query: (N, 4) int64 (batch, x, y, z); ref: (E, 4) int64 with x, y, z multiples of
     ``spacing``. Every batch id of ``query`` must occur in ``ref``. Returns (N,) int64 rows.
+    Build a :class:`ReferenceIndex` once to answer several query sets against the same ``ref``.
     """
-    if len(query) == 0:
-        return query.new_zeros(0)
-    if bool((ref[:, 1:] % spacing != 0).any()):
-        raise ValueError(f'reference voxels must lie on the stride-{spacing} lattice')
-    ref_keys, ref_order = torch.sort(pack_keys(ref))
-    ref_sorted = ref[ref_order]
-    counts = torch.bincount(ref[:, 0], minlength=int(query[:, 0].max()) + 1)
-    many = counts[query[:, 0]] > _FEW_REFERENCES
-    best = torch.empty(len(query), dtype=torch.int64, device=query.device)
-    open_rows = many.nonzero().squeeze(1)
-    for radius in _RADII:
-        if len(open_rows) == 0:
-            break
-        score = _block_search(query[open_rows], ref_keys, ref_sorted, spacing, radius)
-        best[open_rows] = score
-        limit = (((2 * radius + 1) * spacing) ** 2 + 3) // 4  # d2 < ((r + 1/2) g)^2
-        open_rows = open_rows[(score >> _INDEX_BITS) >= limit]
-    rest = torch.cat([(~many).nonzero().squeeze(1), open_rows])
-    if len(rest):
-        best[rest] = _brute_force(query[rest], ref_sorted)
-    return ref_order[best & ((1 << _INDEX_BITS) - 1)]
+    return ReferenceIndex(ref, spacing).nearest(query)
+
+
+class ReferenceIndex:
+    """The references of :func:`nearest_reference` sorted by key once, for many query sets
+    (every UNet level and every sampler step of one condition)."""
+
+    def __init__(self, ref: Tensor, spacing: int) -> None:
+        if bool((ref[:, 1:] % spacing != 0).any()):
+            raise ValueError(f'reference voxels must lie on the stride-{spacing} lattice')
+        self.spacing = spacing
+        self.ref_keys, self.ref_order = torch.sort(pack_keys(ref))
+        self.ref_sorted = ref[self.ref_order]
+        self.counts = torch.bincount(ref[:, 0]) if len(ref) else ref.new_zeros(0)
+
+    def nearest(self, query: Tensor) -> Tensor:
+        """Nearest reference row for each row of ``query`` (see :func:`nearest_reference`)."""
+        if len(query) == 0:
+            return query.new_zeros(0)
+        counts = self.counts
+        top = int(query[:, 0].max()) + 1
+        if top > len(counts):
+            counts = torch.cat([counts, counts.new_zeros(top - len(counts))])
+        many = counts[query[:, 0]] > _FEW_REFERENCES
+        best = torch.empty(len(query), dtype=torch.int64, device=query.device)
+        open_rows = many.nonzero().squeeze(1)
+        for radius in _RADII:
+            if len(open_rows) == 0:
+                break
+            score = _block_search(query[open_rows], self.ref_keys, self.ref_sorted, self.spacing,
+                                  radius)
+            best[open_rows] = score
+            limit = (((2 * radius + 1) * self.spacing) ** 2 + 3) // 4  # d2 < ((r + 1/2) g)^2
+            open_rows = open_rows[(score >> _INDEX_BITS) >= limit]
+        rest = torch.cat([(~many).nonzero().squeeze(1), open_rows])
+        if len(rest):
+            best[rest] = _brute_force(query[rest], self.ref_sorted)
+        return self.ref_order[best & ((1 << _INDEX_BITS) - 1)]
 
 
 def _block_search(query: Tensor, ref_keys: Tensor, ref_sorted: Tensor, spacing: int,
