@@ -11,7 +11,7 @@ import pytest
 
 from distdpo_ros.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _in_git_checkout() -> bool:
