@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
 from distdpo_ros.pointio import SUFFIXES, read_points, write_points
 
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '-1 draws a new one)')
     parser.add_argument('--device', default='auto',
                         help='auto (CUDA when available), cpu, cuda or cuda:N (default: auto)')
-    parser.add_argument('--solver', choices=('dpm-solver++', 'ddpm'), default='dpm-solver++',
-                        help='reverse-process solver (default: dpm-solver++)')
+    parser.add_argument('--solver', '--sampler', choices=SAMPLERS, default=None,
+                        help="reverse-process sampler (default: the model's own, config field "
+                             "'sampler'; dpm-solver++ is LiDiff's)")
     parser.add_argument('--bin-columns', type=int, default=4,
                         help='float32 values per point in a .bin input (default: 4, KITTI; 5 '
                              'for nuScenes sweeps)')
