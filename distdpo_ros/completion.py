@@ -8,7 +8,9 @@ training and evaluation reuse them instead of copying:
   :func:`subsample_scan` to exactly `scan_points` points;
 - :func:`initial_cloud`: the scan tiled K times (x_init); x_T = x_init + lambda * eps;
 - :func:`sample`: the condition encoded once, classifier-free guidance in one batched pass, a fresh
-  DPM-Solver++ run on the residual x_t - x_init (distdpo_ros.diffusion);
+  run of the model's sampler (config.sampler: LiDiff's DPM-Solver++ by default, or a
+  variance-exploding one from t_start with the x0 clamp) on the residual x_t - x_init
+  (distdpo_ros.diffusion);
 - :func:`postprocess`: |p| < max_range and z inside (mean - 2 std, max) of the z of x_init;
 - :func:`refine_points`: optional x`refine_up_factor` up-sampling by the refinement net's offsets.
 """
@@ -25,7 +27,14 @@ import numpy as np
 import torch
 
 from distdpo_ros.config import ModelConfig
-from distdpo_ros.diffusion import GuidedDenoiser, NoiseSchedule, make_solver, sample_residual
+from distdpo_ros.diffusion import (
+    VE_SOLVERS,
+    GuidedDenoiser,
+    NoiseSchedule,
+    Solver,
+    make_solver,
+    sample_residual,
+)
 from distdpo_ros.errors import UserError
 from distdpo_ros.settings import SamplingSettings
 
@@ -191,25 +200,26 @@ def initial_cloud(scan: torch.Tensor, replication: int) -> torch.Tensor:
 
 
 def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | None = None,
-           guidance: float | None = None, generators: Any = None, solver: str | None = None,
+           guidance: float | None = None, generators: Any = None, sampler: str | None = None,
            init_noise_scale: float | None = None, batched_guidance: bool = True,
            encoder_once: bool = True, progress: bool = False,
            timings: dict[str, float] | None = None,
            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Complete scans (B, M, 3) into raw diffusion samples (B, K * M, 3); no crop, no refinement.
 
-    `net` is a DiffusionNet (encode, null_condition, forward). `steps`, `guidance`, `solver` and
-    `init_noise_scale` default to the model's (see :class:`distdpo_ros.settings.SamplingSettings`).
-    `generators`: one torch.Generator, or one per scene so that each scene's result depends on its
-    own seed only. Gradients flow (wrap the call in
+    `net` is a DiffusionNet (encode, null_condition, forward). `steps`, `guidance`, `sampler`
+    (config.sampler) and `init_noise_scale` default to the model's (see
+    :class:`distdpo_ros.settings.SamplingSettings`); a VE solver starts at config.t_start and
+    clamps x0 estimates to config.x0_clamp. `generators`: one torch.Generator, or one per scene so
+    that each scene's result depends on its own seed only. Gradients flow (wrap the call in
     torch.inference_mode() for inference). `batched_guidance` and `encoder_once` switch off the two
     savings of GuidedDenoiser, for measurements; `timings` receives the seconds of the 'encode'
     and 'denoise' stages. `should_stop` is asked before every sampler step; True ends the call
     with :class:`distdpo_ros.errors.Cancelled`.
     """
-    settings = SamplingSettings(steps, guidance, solver=solver).resolved(config)
+    settings = SamplingSettings(steps, guidance, sampler=sampler).resolved(config)
     lam = config.init_noise_scale if init_noise_scale is None else float(init_noise_scale)
-    run = make_solver(settings.solver, NoiseSchedule.from_config(config), settings.steps)
+    run = make_solver_for(config, settings.steps, settings.sampler)  # fresh for every call
     clock = StageClock(scan.device, timings)
     denoiser = GuidedDenoiser(net, scan, settings.guidance, batched=batched_guidance,
                               cache_condition=encoder_once)
@@ -224,6 +234,17 @@ def sample(net: Any, scan: torch.Tensor, config: ModelConfig, *, steps: int | No
                           should_stop=should_stop)
     clock.lap('denoise')
     return out
+
+
+def make_solver_for(config: ModelConfig, steps: int | None = None, solver: str | None = None
+                    ) -> Solver:
+    """A fresh solver run of a model's sampler (or `solver`), with its t_start and x0 clamp."""
+    name = config.sampler if solver is None else solver
+    schedule = NoiseSchedule.from_config(config)
+    steps = config.steps if steps is None else int(steps)
+    if name in VE_SOLVERS:
+        return make_solver(name, schedule, steps, config.start_timestep, config.x0_clamp)
+    return make_solver(name, schedule, steps)
 
 
 def clamp_to_scene_box(points: torch.Tensor, max_range: float) -> torch.Tensor:
@@ -280,19 +301,19 @@ class Completer:
 
     def complete(self, points: np.ndarray, steps: int | None = None,
                  guidance: float | None = None, refine: bool = False, seed: int | None = None,
-                 *, solver: str | None = None, progress: bool = False,
+                 *, sampler: str | None = None, progress: bool = False,
                  batched_guidance: bool = True, encoder_once: bool = True,
                  timings: dict[str, float] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Complete one scan (N, 3|>=4) into a dense (M, 3) float32 cloud in the scan's frame.
 
-        `steps`, `guidance` and `solver` default to the model's (checked against it by
+        `steps`, `guidance` and `sampler` default to the model's (checked against it by
         :meth:`SamplingSettings.resolved`); `seed` makes the result repeatable (None draws a
         fresh one). `timings`, when given, receives the seconds spent in each stage
         (preprocess, encode, denoise, postprocess, refine). `should_stop` is asked before
         every sampler step; True ends the call with :class:`distdpo_ros.errors.Cancelled`.
         """
-        settings = SamplingSettings(steps, guidance, refine, solver).resolved(
+        settings = SamplingSettings(steps, guidance, refine, sampler).resolved(
             self.config, self.has_refine)
         config = self.config
         clock = StageClock(self.device, timings)
@@ -306,7 +327,7 @@ class Completer:
             clock.lap('preprocess')
             raw = sample(self.bundle.diffusion, scan, config, steps=settings.steps,
                          guidance=settings.guidance, generators=generator,
-                         solver=settings.solver, batched_guidance=batched_guidance,
+                         sampler=settings.sampler, batched_guidance=batched_guidance,
                          encoder_once=encoder_once, progress=progress, timings=timings,
                          should_stop=should_stop)
             clock.restart()
@@ -343,6 +364,7 @@ class StageClock:
 
 __all__: Sequence[str] = (
     'CANDIDATES_PER_POINT', 'MIN_SCAN_POINTS', 'Completer', 'StageClock', 'farthest_point_sample',
-    'initial_cloud', 'postprocess', 'preprocess', 'refine_points', 'resolve_device', 'sample',
-    'subsample_scan', 'synthetic_scan', 'valid_points', 'voxel_candidates',
+    'initial_cloud', 'make_solver_for', 'postprocess', 'preprocess', 'refine_points',
+    'resolve_device', 'sample', 'subsample_scan', 'synthetic_scan', 'valid_points',
+    'voxel_candidates',
 )

@@ -18,6 +18,12 @@ SCALES = ('full', 'small', 'tiny')
 ROLES = ('teacher', 'student', 'refine')
 # The fields that decide whether two checkpoints have the same networks (weights transfer).
 NETWORK_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication')
+# Samplers (distdpo_ros.diffusion.solvers.SOLVERS): LiDiff's variance-preserving DPM-Solver++ on
+# the residual (the default: imported and older checkpoints behave exactly as before), its DDPM
+# counterpart, and the two variance-exploding samplers consistent with the training noising.
+SAMPLERS = ('dpm-solver++', 'ddpm', 've-ddim', 've-ancestral')
+VE_SAMPLERS = ('ve-ddim', 've-ancestral')
+NORMS = ('batch', 'group')
 
 
 @dataclass
@@ -41,7 +47,20 @@ class ModelConfig:
     init_noise_scale: float = 1.0  # lambda in x_T = x_init + lambda * eps
     refine_up_factor: int = 6  # offsets per point of the refinement net (3 x 6 outputs)
     has_refine: bool = False  # whether the checkpoint carries refinement weights
+    # The formulation (issue 15). Defaults are LiDiff's, so a config.json without these fields
+    # (published checkpoints, older models) loads and samples exactly as before.
+    sampler: str = 'dpm-solver++'  # one of SAMPLERS
+    t_start: int = -1  # first sampling timestep, start x_init + sigma_t_start * eps (ve-*);
+    #                    -1: num_train_timesteps - 1 (LiDiff's samplers start there, x_init + eps)
+    x0_clamp: float = 0.0  # metres (ve-*): keep each x_0 estimate this close to x_init; 0 = off
+    norm: str = 'batch'  # 'batch': LiDiff's BatchNorm; 'group': per-item GroupNorm (no running
+    #                      statistics, so train and eval mode compute the same function)
     notes: dict[str, Any] = field(default_factory=dict)  # provenance: source, run, metrics
+
+    @property
+    def start_timestep(self) -> int:
+        """t_start with -1 resolved to the last training timestep."""
+        return self.num_train_timesteps - 1 if self.t_start < 0 else self.t_start
 
     @property
     def full_points(self) -> int:
@@ -63,7 +82,29 @@ class ModelConfig:
             raise UserError('config fields "beta_start" < "beta_end" must lie in (0, 1)')
         if self.min_range >= self.max_range:
             raise UserError('config field "min_range" must be smaller than "max_range"')
+        self._validate_formulation()
         return self
+
+    def _validate_formulation(self) -> None:
+        for name, allowed in (('sampler', SAMPLERS), ('norm', NORMS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f'config field "{name}" must be one of {allowed}, got '
+                                f'{getattr(self, name)!r}')
+        if isinstance(self.t_start, bool) or not isinstance(self.t_start, int) or \
+                not -1 <= self.t_start < self.num_train_timesteps:
+            raise UserError(f'config field "t_start" must be -1 or in [0, '
+                            f'{self.num_train_timesteps - 1}], got {self.t_start!r}')
+        if not self.x0_clamp >= 0 or self.x0_clamp == float('inf'):
+            raise UserError(f'config field "x0_clamp" must be a finite number >= 0 (metres), got '
+                            f'{self.x0_clamp!r}')
+        last = self.num_train_timesteps - 1
+        if self.sampler not in VE_SAMPLERS and (self.start_timestep != last or self.x0_clamp > 0):
+            raise UserError(f'config fields "t_start" and "x0_clamp" need a variance-exploding '
+                            f'sampler {VE_SAMPLERS}; sampler {self.sampler!r} starts at T and '
+                            'does not clamp')
+        if self.steps > self.start_timestep:
+            raise UserError(f'config field "steps" ({self.steps}) must not exceed the start '
+                            f'timestep ({self.start_timestep})')
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,16 +24,16 @@ MODEL_GUIDANCE = -1.0  # "the model's own" where guidance must be a number
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Sampler steps, guidance weight, refinement and solver of a completion (None: model's)."""
+    """Steps, guidance weight, refinement and sampler of a completion (None: the model's)."""
 
     steps: int | None = None
     guidance: float | None = None
     refine: bool = False
-    solver: str | None = None  # reverse-process solver; None: the model's default
+    sampler: str | None = None  # the sampler (distdpo_ros.diffusion.SOLVERS); None: the model's
 
     @classmethod
     def from_parameters(cls, steps: int = MODEL_STEPS, guidance: float = MODEL_GUIDANCE,
-                        refine: bool = False, solver: str | None = None) -> SamplingSettings:
+                        refine: bool = False, sampler: str | None = None) -> SamplingSettings:
         """From the numeric spelling: steps 0 and guidance -1 stand for the model's own.
 
         Other negative values are refused (UserError) rather than silently taken as "own".
@@ -47,35 +47,36 @@ class SamplingSettings:
                             f"the model's own; got {guidance!r}")
         return cls(steps=int(steps) or None,
                    guidance=None if guidance == MODEL_GUIDANCE else guidance,
-                   refine=bool(refine), solver=solver or None)
+                   refine=bool(refine), sampler=sampler or None)
 
     def resolved(self, config: ModelConfig, has_refine: bool | None = None) -> SamplingSettings:
         """The concrete settings for a model (no None left); UserError names what does not fit.
 
         `has_refine` defaults to the config's own flag.
         """
-        from distdpo_ros.diffusion import SOLVERS, timestep_grid
+        from distdpo_ros.diffusion import SOLVERS, VE_SOLVERS, timestep_grid
 
+        sampler = self.sampler or config.sampler
+        if sampler not in SOLVERS:
+            raise UserError(f'unknown sampler {sampler!r}; choose one of {sorted(SOLVERS)}')
         steps = config.steps if self.steps is None else self.steps
         if isinstance(steps, bool) or int(steps) != steps:
             raise UserError(f'steps must be a whole number, got {steps!r}')
-        timestep_grid(int(steps), config.num_train_timesteps)  # raises with the allowed range
+        start = config.start_timestep if sampler in VE_SOLVERS else None
+        timestep_grid(int(steps), config.num_train_timesteps, start)  # raises with the range
         guidance = config.guidance if self.guidance is None else float(self.guidance)
         if not (math.isfinite(guidance) and guidance >= 0):
             raise UserError(f'guidance must be a finite number >= 0, got {guidance!r}')
-        solver = self.solver or 'dpm-solver++'
-        if solver not in SOLVERS:
-            raise UserError(f'unknown solver {solver!r}; choose one of {sorted(SOLVERS)}')
         if self.refine and not (config.has_refine if has_refine is None else has_refine):
             raise UserError('refinement requested but this model has no refinement weights')
-        return SamplingSettings(int(steps), guidance, self.refine, solver)
+        return SamplingSettings(int(steps), guidance, self.refine, sampler)
 
     def arguments(self) -> dict[str, Any]:
-        """Keyword arguments of ``Completer.complete`` (solver only when one is chosen)."""
+        """Keyword arguments of ``Completer.complete`` (sampler only when one is chosen)."""
         out: dict[str, Any] = {'steps': self.steps, 'guidance': self.guidance,
                                'refine': self.refine}
-        if self.solver:
-            out['solver'] = self.solver
+        if self.sampler:
+            out['sampler'] = self.sampler
         return out
 
     def replace(self, **changes: Any) -> SamplingSettings:
@@ -88,4 +89,4 @@ class SamplingSettings:
 
         return (f'steps {show(self.steps)}, guidance {show(self.guidance)}, '
                 f'refine {"on" if self.refine else "off"}'
-                + (f', solver {self.solver}' if self.solver else ''))
+                + (f', sampler {self.sampler}' if self.sampler else ''))

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
 from distdpo_ros.pointio import SUFFIXES, read_points, write_points
 from distdpo_ros.settings import SamplingSettings
@@ -37,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '-1 draws a new one)')
     parser.add_argument('--device', default='auto',
                         help='auto (CUDA when available), cpu, cuda or cuda:N (default: auto)')
-    parser.add_argument('--solver', choices=('dpm-solver++', 'ddpm'), default='dpm-solver++',
-                        help='reverse-process solver (default: dpm-solver++)')
+    parser.add_argument('--sampler', choices=SAMPLERS, default=None,
+                        help="reverse-process sampler (default: the model's own, config field "
+                             "'sampler'; dpm-solver++ is LiDiff's)")
     parser.add_argument('--bin-columns', type=int, default=4,
                         help='float32 values per point in a .bin input (default: 4, KITTI; 5 '
                              'for nuScenes sweeps)')
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     config = completer.config
     _say(f'loaded model {args.model} ({config.scale} {config.role}) on {completer.device} in '
          f'{time.perf_counter() - started:.1f} s')
-    settings = SamplingSettings(args.steps, args.guidance, args.refine, args.solver).resolved(
+    settings = SamplingSettings(args.steps, args.guidance, args.refine, args.sampler).resolved(
         config, completer.has_refine)
     started = time.perf_counter()
     completed = completer.complete(points, seed=None if args.seed < 0 else args.seed,

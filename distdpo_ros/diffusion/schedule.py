@@ -72,16 +72,22 @@ class NoiseSchedule:
         return x0 + sigma * noise
 
 
-def timestep_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Sampling timesteps, largest first: round(linspace(0, T-1, steps+1)) reversed, last dropped.
+def timestep_grid(steps: int, num_train_timesteps: int = 1000, t_start: int | None = None
+                  ) -> list[int]:
+    """Sampling timesteps, largest first: round(linspace(0, t_start, steps+1)), reversed, last
+    dropped.
 
-    This is diffusers' "linspace" spacing as used by LiDiff (8 steps: 999, 874, 749, 624, 500, 375,
-    250, 125). The solvers take one more step after the last entry, to t = 0 (DPM-Solver) or to the
-    clean sample (DDPM).
+    `t_start` defaults to T - 1, which is diffusers' "linspace" spacing as used by LiDiff (8 steps:
+    999, 874, 749, 624, 500, 375, 250, 125). The solvers take one more step after the last entry,
+    to t = 0 (DPM-Solver) or to the clean sample (DDPM, the VE samplers).
     """
-    if not 1 <= steps < num_train_timesteps:
-        raise UserError(f'steps must lie in [1, {num_train_timesteps - 1}], got {steps}')
-    grid = np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    last = num_train_timesteps - 1
+    t_start = last if t_start is None else int(t_start)
+    if not 1 <= t_start <= last:
+        raise UserError(f't_start must lie in [1, {last}], got {t_start}')
+    if not 1 <= steps <= t_start:
+        raise UserError(f'steps must lie in [1, {t_start}] (t_start {t_start}), got {steps}')
+    grid = np.linspace(0, t_start, steps + 1).round()[::-1][:-1].astype(np.int64)
     if len(np.unique(grid)) != steps or grid[-1] <= 0:
         raise UserError(f'{steps} steps do not give distinct timesteps above 0; use fewer steps')
     return [int(t) for t in grid]

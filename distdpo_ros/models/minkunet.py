@@ -53,15 +53,16 @@ def _head(cs: list[int], out_channels: int, tanh: bool) -> nn.Sequential:
 class MinkGlobalEnc(nn.Module):
     """Condition encoder: stem + stage1..4, output at tensor stride 16 with cs[4] features."""
 
-    def __init__(self, in_channels: int = 3, channel_ratio: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 3, channel_ratio: float = 1.0,
+                 norm: str = 'batch') -> None:
         super().__init__()
         cs = channels(channel_ratio)
         self.out_channels = cs[4]
-        self.stem = stem(in_channels, cs)
-        self.stage1 = stage(cs[0], cs[1])
-        self.stage2 = stage(cs[1], cs[2])
-        self.stage3 = stage(cs[2], cs[3])
-        self.stage4 = stage(cs[3], cs[4])
+        self.stem = stem(in_channels, cs, norm)
+        self.stage1 = stage(cs[0], cs[1], norm)
+        self.stage2 = stage(cs[1], cs[2], norm)
+        self.stage3 = stage(cs[2], cs[3], norm)
+        self.stage4 = stage(cs[3], cs[4], norm)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         x = self.stem(x)
@@ -74,7 +75,7 @@ class MinkUNetDiff(nn.Module):
     """LiDiff's noise predictor eps_theta(x_t, scan condition, t) on a sparse x_t."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3,
-                 channel_ratio: float = 1.0) -> None:
+                 channel_ratio: float = 1.0, norm: str = 'batch') -> None:
         super().__init__()
         cs = channels(channel_ratio)
         self.embed_dim = cs[-1]
@@ -83,7 +84,7 @@ class MinkUNetDiff(nn.Module):
         mod = {'stage1': (e, cs[0]), 'stage2': (e, cs[1]), 'stage3': (e, cs[2]),
                'stage4': (e, cs[3]), 'up1': (e, cs[4]), 'up2': (cs[5], cs[5]),
                'up3': (cs[6], cs[6]), 'up4': (cs[7], cs[7])}
-        self.stem = stem(in_channels, cs)
+        self.stem = stem(in_channels, cs, norm)
         downs = {'stage1': (cs[0], cs[1]), 'stage2': (cs[1], cs[2]), 'stage3': (cs[2], cs[3]),
                  'stage4': (cs[3], cs[4])}
         ups = {'up1': (cs[4], cs[5], cs[3]), 'up2': (cs[5], cs[6], cs[2]),
@@ -94,9 +95,9 @@ class MinkUNetDiff(nn.Module):
             self.add_module(f'latemp_{name}', _mlp((2 * e, hidden, out)))
             self.add_module(f'{name}_temp', _mlp((d, d, e)))
             if name in downs:
-                self.add_module(name, stage(*downs[name]))
+                self.add_module(name, stage(*downs[name], norm=norm))
             else:
-                self.add_module(name, up_stage(*ups[name]))
+                self.add_module(name, up_stage(*ups[name], norm=norm))
         self.last = _head(cs, out_channels, tanh=False)
 
     def forward(self, x: SparseTensor, cond: Condition, t: Tensor) -> Tensor:
@@ -136,18 +137,18 @@ class MinkUNet(nn.Module):
     """LiDiff's refinement network: the same backbone without conditioning; Tanh head."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 18,
-                 channel_ratio: float = 1.0) -> None:
+                 channel_ratio: float = 1.0, norm: str = 'batch') -> None:
         super().__init__()
         cs = channels(channel_ratio)
-        self.stem = stem(in_channels, cs)
-        self.stage1 = stage(cs[0], cs[1])
-        self.stage2 = stage(cs[1], cs[2])
-        self.stage3 = stage(cs[2], cs[3])
-        self.stage4 = stage(cs[3], cs[4])
-        self.up1 = up_stage(cs[4], cs[5], cs[3])
-        self.up2 = up_stage(cs[5], cs[6], cs[2])
-        self.up3 = up_stage(cs[6], cs[7], cs[1])
-        self.up4 = up_stage(cs[7], cs[8], cs[0])
+        self.stem = stem(in_channels, cs, norm)
+        self.stage1 = stage(cs[0], cs[1], norm)
+        self.stage2 = stage(cs[1], cs[2], norm)
+        self.stage3 = stage(cs[2], cs[3], norm)
+        self.stage4 = stage(cs[3], cs[4], norm)
+        self.up1 = up_stage(cs[4], cs[5], cs[3], norm)
+        self.up2 = up_stage(cs[5], cs[6], cs[2], norm)
+        self.up3 = up_stage(cs[6], cs[7], cs[1], norm)
+        self.up4 = up_stage(cs[7], cs[8], cs[0], norm)
         self.last = _head(cs, out_channels, tanh=True)
 
     def forward(self, x: SparseTensor) -> Tensor:

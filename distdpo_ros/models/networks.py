@@ -46,8 +46,8 @@ class DiffusionNet(nn.Module):
         super().__init__()
         self.config = config
         self.resolution = config.resolution
-        self.encoder = MinkGlobalEnc(channel_ratio=config.channel_ratio)
-        self.denoiser = MinkUNetDiff(channel_ratio=config.channel_ratio)
+        self.encoder = MinkGlobalEnc(channel_ratio=config.channel_ratio, norm=config.norm)
+        self.denoiser = MinkUNetDiff(channel_ratio=config.channel_ratio, norm=config.norm)
 
     def encode(self, scan: Tensor) -> Condition:
         """Encode scans (B, M, 3) into the stride-16 condition of each item."""
@@ -91,7 +91,7 @@ class RefineNet(nn.Module):
         self.resolution = config.resolution
         self.up_factor = config.refine_up_factor
         self.model = MinkUNet(out_channels=3 * self.up_factor,
-                              channel_ratio=config.channel_ratio)
+                              channel_ratio=config.channel_ratio, norm=config.norm)
 
     def forward(self, points: Tensor) -> Tensor:
         """Offsets (B, N, up_factor, 3) for points (B, N, 3); refined points = points + offsets."""

@@ -10,6 +10,7 @@ from distdpo_ros.sparse.layers import (
     SparseBatchNorm,
     SparseConv3d,
     SparseConvTranspose3d,
+    SparseGroupNorm,
     SparseLeakyReLU,
     SparseReLU,
 )
@@ -17,5 +18,5 @@ from distdpo_ros.sparse.neighbours import nearest_reference
 from distdpo_ros.sparse.tensor import PointVoxelMap, SparseTensor, cat, quantize
 
 __all__ = ['CoordinateManager', 'KernelMap', 'PointVoxelMap', 'SparseBatchNorm', 'SparseConv3d',
-           'SparseConvTranspose3d', 'SparseLeakyReLU', 'SparseReLU', 'SparseTensor', 'cat',
-           'nearest_reference', 'quantize', 'sparse_conv']
+           'SparseConvTranspose3d', 'SparseGroupNorm', 'SparseLeakyReLU', 'SparseReLU',
+           'SparseTensor', 'cat', 'nearest_reference', 'quantize', 'sparse_conv']

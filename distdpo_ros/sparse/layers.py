@@ -7,6 +7,8 @@
 - :class:`SparseConvTranspose3d`: kernel 2 stride 2 onto the existing finer coordinate set.
 - :class:`SparseBatchNorm`: wrapper with child ``bn`` (``nn.BatchNorm1d``) over all rows of the
   batch.
+- :class:`SparseGroupNorm`: GroupNorm per batch item (over the item's voxels and a group of
+  channels); no running statistics, so training and evaluation compute the same function.
 - :class:`SparseReLU`, :class:`SparseLeakyReLU`: activations on the features.
 No convolution has a bias (MinkowskiEngine's default). Initialisation follows MinkowskiEngine:
 kernel ~ U(-1/sqrt(n), 1/sqrt(n)), n = C_in * volume (C_out * volume for the transposed conv).
@@ -95,6 +97,42 @@ class SparseBatchNorm(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         return x.with_feats(self.bn(x.feats))
+
+
+class SparseGroupNorm(nn.Module):
+    """GroupNorm per batch item: every item's voxels are normalised with their own statistics.
+
+    For item i and channel group g (``groups`` groups of C / groups channels) the mean and biased
+    variance are taken over the item's rows and the group's channels, then a per-channel affine
+    (``weight``, ``bias``) follows. Replicas of one geometry (guidance) are separate items. The
+    function does not depend on train/eval mode or on the other items of the batch. An item
+    whose group is constant (e.g. one voxel) normalises to 0, i.e. to ``bias``.
+    """
+
+    def __init__(self, num_features: int, groups: int = 8, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups = math.gcd(num_features, groups)
+        self.num_features, self.eps = num_features, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        feats = x.feats
+        rows, channels = feats.shape
+        grouped = feats.reshape(rows, self.groups, channels // self.groups)
+        items = x.item_ids()
+        count = torch.bincount(items, minlength=x.batch_size).to(feats.dtype)[:, None]
+        count = count.mul_(channels // self.groups).clamp_min_(1.0)
+        total = feats.new_zeros(x.batch_size, self.groups)
+        mean = total.index_add(0, items, grouped.sum(2)).div_(count)
+        centred = grouped - mean.index_select(0, items)[:, :, None]
+        var = total.index_add(0, items, centred.square().sum(2)).div_(count)
+        inv = torch.rsqrt(var + self.eps).index_select(0, items)[:, :, None]
+        out = (centred * inv).reshape(rows, channels)
+        return x.with_feats(torch.addcmul(self.bias, out, self.weight))
+
+    def extra_repr(self) -> str:
+        return f'{self.num_features}, groups={self.groups}, eps={self.eps}'
 
 
 class SparseReLU(nn.Module):

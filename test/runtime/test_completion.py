@@ -254,8 +254,8 @@ def test_bad_arguments_are_user_errors(toy: Completer, scan: np.ndarray) -> None
         toy.complete(scan, steps=0)
     with pytest.raises(UserError, match='guidance'):
         toy.complete(scan, guidance=float('nan'))
-    with pytest.raises(UserError, match='solver'):
-        toy.complete(scan, solver='euler')
+    with pytest.raises(UserError, match='sampler'):
+        toy.complete(scan, sampler='euler')
     with pytest.raises(UserError, match='points'):
         toy.complete(np.zeros((5, 3)))
 

@@ -21,7 +21,7 @@ from distdpo_ros.models import (
     identical_groups,
     timestep_embedding,
 )
-from distdpo_ros.sparse import SparseTensor, cat, minkowski, quantize
+from distdpo_ros.sparse import SparseGroupNorm, SparseTensor, cat, minkowski, quantize
 
 PARAMETERS = {'MinkUNetDiff': 24_174_515, 'MinkGlobalEnc': 8_497_952,
               'MinkUNet_refine': 21_722_926}
@@ -206,6 +206,92 @@ def test_training_step_reaches_encoder_and_denoiser() -> None:
                  'denoiser.latemp_up1.0.weight', 'denoiser.up4.0.net.0.kernel'):
         grad = dict(net.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_sparse_group_norm_is_torch_group_norm_per_item() -> None:
+    """Each item (geometry item x replica) is normalised alone, as F.group_norm on its voxels."""
+    torch.manual_seed(4)
+    x, _ = quantize(torch.stack([scene(300, 21), scene(300, 22, 1.0)]), 0.2, replicas=2)
+    x = x.with_feats(torch.randn(x.feats.shape[0], 24) * 3 + 1)
+    norm = SparseGroupNorm(24, groups=8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    out = norm(x).feats
+    items = x.item_ids()
+    assert len(set(items.tolist())) == 4
+    for item in range(4):
+        rows = items == item
+        expected = torch.nn.functional.group_norm(x.feats[rows].T[None], 8, norm.weight,
+                                                  norm.bias, eps=norm.eps)[0].T
+        torch.testing.assert_close(out[rows], expected, atol=1e-5, rtol=1e-4)
+    assert SparseGroupNorm(20, groups=8).groups == 4  # the largest divisor of the width <= 8
+
+
+@pytest.mark.parametrize('norm', ['batch', 'group'])
+def test_norm_config_selects_the_layers_and_their_names(norm: str) -> None:
+    net = DiffusionNet(preset('tiny').replace(norm=norm))
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert ('SparseGroupNorm' in kinds) == (norm == 'group')
+    assert ('SparseBatchNorm' in kinds) == (norm == 'batch')
+    keys = list(net.state_dict())
+    if norm == 'batch':  # LiDiff's names, running statistics included
+        assert 'denoiser.stem.1.bn.running_mean' in keys
+    else:  # same module paths, no running statistics
+        assert 'denoiser.stem.1.weight' in keys and not any('running' in k for k in keys)
+    assert len([k for k in keys if k.endswith('kernel')]) == len(
+        [k for k in DiffusionNet(preset('tiny')).state_dict() if k.endswith('kernel')])
+
+
+def test_group_norm_net_computes_the_same_in_train_and_eval_mode_at_every_t() -> None:
+    """Per-item GroupNorm has no running statistics: after training steps the predictions in eval
+    mode equal those in train mode at every noise level (a BatchNorm net's differ)."""
+    results = {}
+    for norm in ('batch', 'group'):
+        torch.manual_seed(5)
+        net = DiffusionNet(preset('tiny').replace(norm=norm)).train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        gt = torch.stack([scene(300, 23), scene(300, 24)])
+        scans = torch.stack([scene(150, 25), scene(150, 26)])
+        sigmas = torch.linspace(0.05, 1.0, 2)
+        for _ in range(3):  # training moves BatchNorm's running statistics away from the batch's
+            eps = torch.randn_like(gt)
+            loss = (net(gt + sigmas[:, None, None] * eps, torch.tensor([40, 900]),
+                        net.encode(scans)) - eps).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        gaps = []
+        with torch.no_grad():
+            for t, sigma in ((5, 0.01), (100, 0.2), (500, 0.77), (999, 0.99)):
+                x_t = gt + sigma * torch.randn_like(gt)
+                tt = torch.full((2,), t)
+                net.train()
+                train_mode = net(x_t, tt, net.encode(scans))
+                net.eval()
+                eval_mode = net(x_t, tt, net.encode(scans))
+                gaps.append((train_mode - eval_mode).abs().max().item())
+        results[norm] = max(gaps)
+    assert results['group'] < 1e-5
+    assert results['batch'] > 1e-2
+
+
+def test_group_norm_items_do_not_see_each_other() -> None:
+    """A scene's prediction does not depend on the other scenes of the batch, nor on the other
+    branch of guidance (replicas are separate items)."""
+    torch.manual_seed(6)
+    net = DiffusionNet(preset('tiny').replace(norm='group')).eval()
+    scans = torch.stack([scene(150, 27), scene(150, 28, 3.0)])
+    x_t = torch.stack([scene(300, 29), scene(300, 30, 9.0)])
+    t = torch.tensor([200, 700])
+    with torch.no_grad():
+        both = net(x_t, t, net.encode(scans))
+        alone = net(x_t[1:], t[1:], net.encode(scans[1:]))
+        pair = net(x_t[:1].expand(2, -1, -1), t[:1].expand(2),
+                   Condition.cat([net.encode(scans[:1]), net.null_condition(1)]))
+        cond_only = net(x_t[:1], t[:1], net.encode(scans[:1]))
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pair[:1], cond_only, atol=1e-5, rtol=1e-4)
 
 
 def test_refine_net_offsets() -> None:
