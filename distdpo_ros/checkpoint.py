@@ -175,16 +175,16 @@ def check_fit(config: ModelConfig, tensors: Mapping[str, torch.Tensor],
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor a checkpoint of this config holds (prefixed as on disk)."""
     return dict(_expected_shapes(config.role, config.channel_ratio, config.refine_up_factor,
-                                 config.has_refine))
+                                 config.has_refine, config.norm))
 
 
 @lru_cache(maxsize=16)
 def _expected_shapes(role: str, channel_ratio: float, refine_up_factor: int,
-                     has_refine: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+                     has_refine: bool, norm: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     from distdpo_ros.models import DiffusionNet, RefineNet
 
     config = preset('full', role).replace(channel_ratio=channel_ratio, has_refine=has_refine,
-                                          refine_up_factor=refine_up_factor)
+                                          refine_up_factor=refine_up_factor, norm=norm)
     shapes: list[tuple[str, tuple[int, ...]]] = []
     with torch.device('meta'):  # shapes only: no memory, no initialisation work
         if role != 'refine':

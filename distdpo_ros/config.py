@@ -17,7 +17,7 @@ from distdpo_ros.errors import UserError
 SCALES = ('full', 'small', 'tiny')
 ROLES = ('teacher', 'student', 'refine')
 # The fields that decide whether two checkpoints have the same networks (weights transfer).
-NETWORK_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication')
+NETWORK_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication', 'norm')
 # Samplers (distdpo_ros.diffusion.solvers.SOLVERS): LiDiff's variance-preserving DPM-Solver++ on
 # the residual (the default: imported and older checkpoints behave exactly as before), its DDPM
 # counterpart, and the two variance-exploding samplers consistent with the training noising.
@@ -130,7 +130,7 @@ def require_same_networks(have: ModelConfig, want: ModelConfig, source: str,
     """Raise UserError naming `source` (what `have` was read from) and the differing fields.
 
     `fields` defaults to everything that shapes the diffusion networks; the refinement net only
-    needs the voxel fields ('channel_ratio', 'resolution').
+    needs the voxel fields and its normalisation ('channel_ratio', 'resolution', 'norm').
     """
     differ = [k for k in fields if getattr(have, k) != getattr(want, k)]
     if differ:

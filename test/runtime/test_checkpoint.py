@@ -544,3 +544,22 @@ def test_full_scale_lidiff_checkpoint_loads_strictly(tmp_path, shared_data, caps
                                   (refine, 'MinkUNet_refine', 2000)):
         for i, key in enumerate(manifest[section]):
             assert state[key].flatten()[0].item() == start + i, key
+
+
+def test_group_norm_models_save_and_load_with_their_own_weight_names(tmp_path):
+    from distdpo_ros.models import DiffusionNet, RefineNet
+
+    config = preset('tiny', 'student').replace(norm='group', has_refine=True)
+    torch.manual_seed(0)
+    bundle = ckpt.ModelBundle(config=config, diffusion=DiffusionNet(config),
+                              refine=RefineNet(config))
+    out = ckpt.save_model(tmp_path / 'group', bundle)
+    loaded = ckpt.load_model(out)
+    assert loaded.config.norm == 'group'
+    keys = set(loaded.diffusion.state_dict())
+    assert not any('running_mean' in k for k in keys)  # no BatchNorm statistics to carry
+    for key, value in bundle.diffusion.state_dict().items():
+        assert torch.equal(loaded.diffusion.state_dict()[key], value), key
+    with pytest.raises(UserError):  # a BatchNorm config does not fit group-norm weights
+        ckpt.save_checkpoint(tmp_path / 'bad', config.replace(norm='batch'),
+                             dict(bundle.diffusion.state_dict()))

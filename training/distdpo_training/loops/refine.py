@@ -222,7 +222,7 @@ class RefineTask:
         if self.cfg.teacher:
             bundle = load_model(self.cfg.teacher)
             require_same_networks(bundle.config, self.model, self.cfg.teacher,
-                                  fields=('channel_ratio', 'resolution'))
+                                  fields=('channel_ratio', 'resolution', 'norm'))
             config = bundle.config.replace(
                 has_refine=True, refine_up_factor=self.model.refine_up_factor,
                 notes={**bundle.config.notes, 'refine': notes})
