@@ -231,3 +231,36 @@ def test_ablation_writes_one_table_and_skips_finished_runs(sim_dataset, tmp_path
     capsys.readouterr()
     assert main(args) == 0  # a second run recomputes nothing
     assert capsys.readouterr().err.count('already trained') == 2
+
+
+def test_a_ve_teacher_is_distilled_on_its_own_sampler_and_range_of_t():
+    """The models we train sample with a VE sampler from t_start: the student's one-step pair
+    starts at x_init + sigma_{t_start} eps (and lambda times that), and the assistants and the
+    score differences stay inside the teacher's range of t."""
+    teacher = _teacher()
+    config = teacher.config.replace(sampler='ve-ddim', t_start=100)
+    teacher = ModelBundle(config=config, diffusion=teacher.diffusion)
+    task = DistillTask(DistillConfig(model=SimpleNamespace(build=lambda: config)), teacher)
+    assert task.t_range == (0, 100)
+    task.student = NoisePredictor(DiffusionNet(task.model))
+    task.student.net.load_state_dict(teacher.diffusion.state_dict())
+    task.student.eval()
+    scan = torch.stack([_scan(1), _scan(2)])
+    calls = []
+
+    def zero_noise(x_t, t, cond):  # a perfect denoiser of x_init: D = x_t - sigma eps_hat
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    task.student.forward = zero_noise
+    with torch.no_grad():
+        cond = teacher.diffusion.encode(scan)
+    gens = [torch.Generator().manual_seed(b) for b in range(2)]
+    samples, x_init = task.generate(_stub_engine(), scan, cond, gens)
+    assert calls == [100]  # one step from t_start
+    first, second = samples.split(2)
+    sigma = task.schedule.sigma(100)
+    spread = (first - x_init).std().item()
+    assert abs(spread - sigma) < 0.1 * sigma  # eps_hat = 0 keeps the start: x_init + sigma eps
+    ratio = ((second - x_init).std() / (first - x_init).std()).item()
+    assert abs(ratio - task.cfg.pair_noise_scale) < 1e-4

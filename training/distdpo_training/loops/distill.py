@@ -3,9 +3,12 @@
 One iteration on a batch of scans (all randomness from each sample's own generator):
 
 1. Generate. The student makes K-step samples (default 1 step, no guidance, as the reference) of
-   every scan from x_init + eps and, for Distillation-DPO, from x_init + lambda * eps (lambda =
-   `pair_noise_scale`, 1.1) with the same eps and solver noise. Both members of a pair go through
-   the student in ONE batched forward; the graph is kept for the student update.
+   every scan with the model's own sampler, from x_init + s * eps and, for Distillation-DPO, from
+   x_init + lambda * s * eps (lambda = `pair_noise_scale`, 1.1) with the same eps and solver noise;
+   s is the sampler's starting scale (1 for LiDiff's DPM-Solver++, sigma_{t_start} for the
+   variance-exploding samplers of the models we train, so generation, the teacher's training
+   noise levels and the assistants all live on the same range of t). Both members of a pair go
+   through the student in ONE batched forward; the graph is kept for the student update.
 2. Rank. The sample with the lower preference metric to the ground truth (CD by default, BEV JSD
    as the paper's ablation) is the winner x^w, the other the loser x^l.
 3. Assistants. Two teaching-assistant noise predictors (initialised from the teacher) take one
@@ -44,9 +47,14 @@ import torch
 from torch import nn
 
 from distdpo_ros.checkpoint import ModelBundle, load_model, save_model
-from distdpo_ros.completion import StageClock, clamp_to_scene_box, initial_cloud
-from distdpo_ros.config import ModelConfig, require_same_networks
-from distdpo_ros.diffusion import NoiseSchedule, make_solver
+from distdpo_ros.completion import (
+    StageClock,
+    clamp_to_scene_box,
+    initial_cloud,
+    make_solver_for,
+)
+from distdpo_ros.config import VE_SAMPLERS, ModelConfig, require_same_networks
+from distdpo_ros.diffusion import NoiseSchedule
 from distdpo_ros.errors import UserError
 from distdpo_ros.models import Condition, DiffusionNet
 from distdpo_training.engine import Engine, EngineConfig, ModelSpec
@@ -75,8 +83,8 @@ class DistillConfig:
     generation_steps: int = 1  # student sampler steps while training (the reference: 1)
     omega: float = 1.0  # the 1/omega factor of Eq. 18
     t_weighting: str = 'none'  # none | inverse_sigma: weight the surrogate by 1/sigma_t
-    t_min: int = 0  # noise levels drawn for the score differences: U{t_min..t_max}
-    t_max: int = -1  # -1: num_train_timesteps - 1
+    t_min: int = 0  # noise levels of the assistants and the score differences: U{t_min..t_max}
+    t_max: int = -1  # -1: the teacher's range (t_start for a VE sampler, else T - 1)
     optimizer: str = 'sgd'  # sgd | adam, for student and assistants
     student_lr: float = 1e-5
     assistant_lr: float = 1e-5
@@ -195,7 +203,8 @@ class DistillTask:
         self.model = student_config(teacher.config, cfg.model, cfg, source)
         self.schedule = NoiseSchedule.from_config(self.model)
         self.loop = 'distill' if cfg.method == 'dpo' else 'score-distill'
-        last = self.model.num_train_timesteps - 1
+        last = (self.model.start_timestep if self.model.sampler in VE_SAMPLERS
+                else self.model.num_train_timesteps - 1)
         self.t_range = (max(0, cfg.t_min), last if cfg.t_max < 0 else min(cfg.t_max, last))
         if self.t_range[0] > self.t_range[1]:
             raise UserError(f'{source}: fields "t_min" <= "t_max" required')
@@ -238,14 +247,16 @@ class DistillTask:
         """Student samples with gradient: (B*P, N, 3) for P = 2 (pair) or 1, and x_init."""
         x_init = initial_cloud(scan, self.model.replication)
         eps = _draw(gens, tuple(x_init.shape[1:]), engine.device)
+        solver = make_solver_for(self.model, self.cfg.generation_steps)  # the model's sampler
+        start = self.model.init_noise_scale * solver.start_scale
         scales = [1.0, self.cfg.pair_noise_scale] if self.cfg.method == 'dpo' else [1.0]
         pairs = len(scales)
-        residual = torch.cat([eps * s for s in scales])
+        residual = torch.cat([eps * (s * start) for s in scales])
         x_init_p = x_init.repeat(pairs, 1, 1)
         cond_p = Condition.cat([cond] * pairs)
-        solver = make_solver('dpm-solver++', self.schedule, self.cfg.generation_steps)
         for t in solver.timesteps:
-            noise = _draw(gens, tuple(x_init.shape[1:]), engine.device).repeat(pairs, 1, 1)
+            noise = (_draw(gens, tuple(x_init.shape[1:]), engine.device).repeat(pairs, 1, 1)
+                     if solver.stochastic else None)
             t_batch = torch.full((residual.shape[0],), t, dtype=torch.long, device=engine.device)
             with engine.autocast():
                 eps_hat = self.student(x_init_p + residual, t_batch, cond_p).float()
@@ -279,7 +290,7 @@ class DistillTask:
         shape = tuple(samples.shape[1:])
         losses = []
         for net, x in zip(self.assistants, xs, strict=True):
-            t = _draw_t(gens, 0, self.model.num_train_timesteps - 1, engine.device)
+            t = _draw_t(gens, *self.t_range, engine.device)
             eps = _draw(gens, shape, engine.device)
             with engine.autocast():
                 losses.append(diffusion_mse(net, x.detach(), t, eps, cond, self.schedule))
