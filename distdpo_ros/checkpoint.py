@@ -15,9 +15,9 @@ crash never leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,9 +30,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from distdpo_ros.atomic import fsync_path
+from distdpo_ros.atomic import clear_stale_temporaries, fsync_path, temporary_name, writer_is_gone
 from distdpo_ros.config import ModelConfig, preset
 from distdpo_ros.errors import UserError
+from distdpo_ros.validation import loads_json
 
 if TYPE_CHECKING:
     from distdpo_ros.models import DiffusionNet, RefineNet
@@ -46,6 +47,7 @@ DEFAULT_MODELS = {'default': 'student', 'default-teacher': 'teacher'}
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / 'default_models'
 
 _DIGEST_KEY = 'distdpo_sha256'
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json: a few kB, with provenance notes
 
 
 # -------------------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     weights_path = directory / WEIGHTS_FILE
     tensors = _read_weights(weights_path)
     check_fit(config, tensors, weights_path)
+    check_finite(tensors, weights_path)
     return config, tensors
 
 
@@ -91,14 +94,19 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     """Read only the ``config.json`` of a checkpoint directory (or a default model name)."""
     config_path = resolve_model(path) / CONFIG_FILE
     try:
-        data = json.loads(config_path.read_text(encoding='utf-8'))
+        text = config_path.read_bytes()
     except FileNotFoundError:
         raise UserError(f'{config_path}: missing; not a checkpoint directory') from None
+    except OSError as exc:
+        raise UserError(f'{config_path}: cannot read ({exc.strerror or exc})') from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UserError(f'{config_path}: {len(text)} bytes; a config is at most '
+                        f'{MAX_CONFIG_BYTES}')
+    try:
+        text = text.decode('utf-8')
     except UnicodeDecodeError:
         raise UserError(f'{config_path}: not UTF-8 text; the file is corrupt') from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f'{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})'
-                        ) from None
+    data = loads_json(text, str(config_path))
     if not isinstance(data, dict):
         raise UserError(f'{config_path}: must hold a JSON object of config fields')
     try:
@@ -172,6 +180,17 @@ def check_fit(config: ModelConfig, tensors: Mapping[str, torch.Tensor],
                         f'the network expects {expected[key]}{more}')
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise UserError (naming ``source`` and the tensor) if a weight is NaN or infinite: such a
+    network completes every scan into nothing, which must not pass for a result."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f'{source}: tensor {key!r} holds {bad} NaN or infinite value(s); '
+                            'the weights are unusable (a diverged training or a damaged file)')
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor a checkpoint of this config holds (prefixed as on disk)."""
     return dict(_expected_shapes(config.role, config.channel_ratio, config.refine_up_factor,
@@ -238,6 +257,8 @@ def _write_directory_atomically(out_dir: Path, write: Callable[[Path], None],
                                 overwrite: bool) -> None:
     """Fill a temporary sibling directory with ``write`` and rename it to ``out_dir``."""
     out_dir = Path(os.path.abspath(out_dir))
+    _recover_moved_aside(out_dir)
+    clear_stale_temporaries(out_dir.parent)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f'{out_dir}: exists and is not a directory')
     occupied = out_dir.is_dir() and any(out_dir.iterdir())
@@ -249,7 +270,8 @@ def _write_directory_atomically(out_dir: Path, write: Callable[[Path], None],
                         '(--force on the command line)')
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.partial-', dir=out_dir.parent))
+        partial = Path(tempfile.mkdtemp(prefix=temporary_name(out_dir.name, 'partial-'),
+                                        dir=out_dir.parent))
     except OSError as exc:
         raise UserError(f'{out_dir}: cannot write the checkpoint here ({exc.strerror})') from None
     try:
@@ -258,7 +280,8 @@ def _write_directory_atomically(out_dir: Path, write: Callable[[Path], None],
         fsync_path(partial)
         if occupied:
             # Two renames: the good checkpoint is only moved aside once the new one is complete.
-            old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old-', dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=temporary_name(out_dir.name, 'old-'),
+                                        dir=out_dir.parent))
             os.replace(out_dir, old)
             try:
                 os.replace(partial, out_dir)
@@ -274,6 +297,26 @@ def _write_directory_atomically(out_dir: Path, write: Callable[[Path], None],
                         'any previous checkpoint there is unchanged') from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _recover_moved_aside(out_dir: Path) -> None:
+    """Undo what a writer killed between its two renames left: the previous checkpoint moved
+    aside (``.NAME.old-*``) is put back when NAME is missing, and removed when NAME is whole."""
+    prefix = f'.{out_dir.name}.old-'
+    try:
+        aside = sorted(p for p in out_dir.parent.iterdir()
+                       if p.name.startswith(prefix) and writer_is_gone(p.name))
+    except OSError:
+        return
+    for path in aside:
+        if not out_dir.exists() and (path / CONFIG_FILE).is_file():
+            os.replace(path, out_dir)
+            print(f'distdpo: restored {out_dir} from {path.name}, where an interrupted write '
+                  'had moved it', file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f'distdpo: removed {path.name}, a previous checkpoint left beside {out_dir} by '
+                  'an interrupted write', file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------

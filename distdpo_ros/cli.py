@@ -15,6 +15,7 @@ import sys
 
 from distdpo_ros import __version__
 from distdpo_ros.errors import UserError
+from distdpo_ros.validation import check_seed
 
 # The packages whose command tables make up `distdpo`; the offline one is absent from a
 # runtime-only install, and its commands are then simply not offered.
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog=f'distdpo {name}', description=text)
         module.add_arguments(parser)
         args = parser.parse_args(rest)
+        if getattr(args, 'seed', None) is not None:  # every --seed is a 64-bit seed
+            check_seed(args.seed, allow_random=True)
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f'distdpo: error: {exc}', file=sys.stderr)

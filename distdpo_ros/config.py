@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,16 +70,8 @@ class ModelConfig:
         return self.scan_points * self.replication
 
     def validate(self) -> ModelConfig:
-        """Raise UserError naming the first field that is out of range."""
-        if self.scale not in SCALES:
-            raise UserError(f'config field "scale" must be one of {SCALES}, got {self.scale!r}')
-        if self.role not in ROLES:
-            raise UserError(f'config field "role" must be one of {ROLES}, got {self.role!r}')
-        positive = ('channel_ratio', 'resolution', 'scan_points', 'replication', 'max_range',
-                    'num_train_timesteps', 'steps', 'init_noise_scale', 'refine_up_factor')
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f'config field "{name}" must be > 0, got {getattr(self, name)!r}')
+        """Raise UserError naming the first field of the wrong type or out of range."""
+        check_fields(self)  # each field against its rule in FIELD_RULES
         if not 0 < self.beta_start < self.beta_end < 1:
             raise UserError('config fields "beta_start" < "beta_end" must lie in (0, 1)')
         if self.min_range >= self.max_range:
@@ -158,3 +152,84 @@ def preset(scale: str, role: str = 'teacher') -> ModelConfig:
                            scan_points=200, replication=4, max_range=30.0,
                            guidance=guidance, steps=steps)
     raise UserError(f'unknown scale {scale!r}; choose one of {SCALES}')
+
+
+# -------------------------------------------------------------------------------------------------
+# Field rules: the type and range of every field, in one table (a new field adds one line)
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one config field may hold: a type and, for numbers, a range (and finite values);
+    for strings, the allowed choices. `low_open` makes the lower bound exclusive."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` does not fit this rule (None when it does)."""
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                return f'must be a whole number, got {value!r}'
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                return f'must be a number, got {value!r}'
+            if not math.isfinite(value):
+                return f'must be a finite number, got {value!r}'
+        elif not isinstance(value, self.kind):
+            return f'must be a {self.kind.__name__}, got {value!r}'
+        if self.choices and value not in self.choices:
+            return f'must be one of {self.choices}, got {value!r}'
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f'must be {">" if self.low_open else ">="} {_shown(self.low)}, got {value!r}'
+        if self.high is not None and value > self.high:
+            return f'must be <= {_shown(self.high)}, got {value!r}'
+        return None
+
+
+def _shown(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f'{bound:g}'
+
+
+
+FIELD_RULES: dict[str, FieldRule] = {
+    'scale': FieldRule(str, choices=SCALES),
+    'role': FieldRule(str, choices=ROLES),
+    'channel_ratio': FieldRule(float, 0, 8, low_open=True),
+    'resolution': FieldRule(float, 1e-3, 10),  # metres
+    'scan_points': FieldRule(int, 1, 1_000_000),
+    'replication': FieldRule(int, 1, 100),
+    'min_range': FieldRule(float, 0, 10_000),
+    'max_range': FieldRule(float, 0, 10_000, low_open=True),
+    'min_z': FieldRule(float, -10_000, 10_000),
+    'beta_start': FieldRule(float, 0, 1, low_open=True),
+    'beta_end': FieldRule(float, 0, 1, low_open=True),
+    'num_train_timesteps': FieldRule(int, 1, 100_000),
+    'steps': FieldRule(int, 1, 100_000),
+    'guidance': FieldRule(float, 0, 1_000),
+    'init_noise_scale': FieldRule(float, 0, 1_000, low_open=True),
+    'refine_up_factor': FieldRule(int, 1, 64),
+    'has_refine': FieldRule(bool),
+    'notes': FieldRule(dict),
+}
+MAX_FULL_POINTS = 10_000_000  # scan_points x replication: the points diffused per scene
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be config field `name` (None when it can, or the field has no rule)."""
+    rule = FIELD_RULES.get(name)
+    return None if rule is None else rule.problem(value)
+
+
+def check_fields(config: ModelConfig) -> None:
+    """Raise UserError naming the first field that breaks its rule in FIELD_RULES."""
+    for spec in dataclasses.fields(config):
+        problem = field_problem(spec.name, getattr(config, spec.name))
+        if problem is not None:
+            raise UserError(f'config field "{spec.name}" {problem}')
+    if config.full_points > MAX_FULL_POINTS:
+        raise UserError(f'config fields "scan_points" x "replication" must be <= '
+                        f'{MAX_FULL_POINTS:,}, got {config.full_points:,}')

@@ -14,6 +14,7 @@ fixed-size elements; PCD v0.7 `ascii` / `binary` (not `binary_compressed`).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ _PLY_TYPES = {
 }
 _PLY_FORMATS = {'ascii': None, 'binary_little_endian': '<', 'binary_big_endian': '>'}
 _PCD_KINDS = {'F': 'f', 'I': 'i', 'U': 'u'}
+_PCD_SIZES = {'F': (4, 8), 'I': (1, 2, 4, 8), 'U': (1, 2, 4, 8)}
 
 
 def read_points(path: str | os.PathLike, bin_columns: int = 4) -> np.ndarray:
@@ -80,6 +82,12 @@ def _read_npy(path: Path) -> np.ndarray:
         missing = [n for n in 'xyz' if n not in array.dtype.names]
         if missing:
             raise UserError(f'{path}: structured array without field(s) {missing}')
+        for name in 'xyz':
+            field = array.dtype.fields[name][0]
+            if field.shape or field.kind not in 'fiu':
+                raise UserError(f'{path}: field {name!r} is {field.base.str}'
+                                f'{" " + str(field.shape) if field.shape else ""}; x, y and z '
+                                'must each be one number per point')
         return _xyz([np.asarray(array[n], dtype=np.float64).reshape(-1) for n in 'xyz'])
     if array.ndim != 2 or array.shape[1] < 3 or array.dtype.kind not in 'fiu':
         raise UserError(f'{path}: expected a numeric (N, >=3) array, got {array.dtype} '
@@ -148,6 +156,9 @@ def _read_ply(path: Path, data: bytes) -> np.ndarray:
     if any(p[0] == 'list' for p in props):
         raise UserError(f'{path}: PLY vertex element with list properties is not supported')
     prop_names = [p[0] for p in props]
+    repeated = sorted({n for n in prop_names if prop_names.count(n) > 1})
+    if repeated:
+        raise UserError(f'{path}: PLY vertex property {repeated[0]!r} is declared more than once')
     missing = [n for n in 'xyz' if n not in prop_names]
     if missing:
         raise UserError(f'{path}: PLY vertex element has no property {missing}')
@@ -191,6 +202,15 @@ def _read_pcd(path: Path, data: bytes) -> np.ndarray:
     missing = [n for n in 'xyz' if n not in fields]
     if missing:
         raise UserError(f'{path}: PCD file has no field {missing}')
+    if points < 0:
+        raise UserError(f'{path}: PCD header announces {points} points')
+    for name, size, kind, count in zip(fields, sizes, kinds, counts, strict=True):
+        if kind not in _PCD_KINDS or size not in _PCD_SIZES[kind]:
+            raise UserError(f'{path}: PCD field {name!r} has unsupported TYPE {kind} SIZE {size}'
+                            f' (TYPE F: SIZE 4 or 8; I and U: 1, 2, 4 or 8)')
+        if count < 1 or (name in 'xyz' and count != 1):
+            raise UserError(f'{path}: PCD field {name!r} has COUNT {count}'
+                            f'{"; x, y and z need COUNT 1" if name in "xyz" else ""}')
     if mode == 'ascii':
         rows = _ascii_rows(path, data[offset:], points, sum(counts), 'PCD')
         starts = np.cumsum([0] + counts)
@@ -200,17 +220,40 @@ def _read_pcd(path: Path, data: bytes) -> np.ndarray:
                         'convert it, e.g. with pcl_convert_pcd_ascii_binary')
     members = []
     for i, (name, size, kind, count) in enumerate(zip(fields, sizes, kinds, counts, strict=True)):
-        if kind not in _PCD_KINDS or size not in (1, 2, 4, 8):
-            raise UserError(f'{path}: PCD field {name!r} has unsupported TYPE {kind} SIZE {size}')
         base = f'<{_PCD_KINDS[kind]}{size}'
         unique = name if fields.index(name) == i else f'{name}__{i}'  # '_' padding repeats
         members.append((unique, base, (count,)) if count > 1 else (unique, base))
-    dtype = np.dtype(members)
+    try:
+        dtype = np.dtype(members)
+    except ValueError as exc:  # e.g. a field named like the stand-in of a repeated one
+        raise UserError(f'{path}: bad PCD FIELDS line ({exc})') from None
     if len(data) < offset + points * dtype.itemsize:
         raise UserError(f'{path}: truncated PCD file ({points} points announced, '
                         f'{max(0, len(data) - offset) // dtype.itemsize} present)')
     cloud = np.frombuffer(data, dtype=dtype, count=points, offset=offset)
     return _xyz([cloud[n] for n in 'xyz'])
+
+
+def check_output_file(path: str | os.PathLike, option: str = '--out') -> Path:
+    """Check, before any work, that points can be written to `path`: a known suffix, not a
+    directory, in an existing folder where files can be created (tried, not guessed from
+    permission bits). Returns the path; UserError names the option and what is wrong."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise UserError(f'{option} {path}: unknown format; use one of {", ".join(SUFFIXES)}')
+    if path.is_dir():
+        raise UserError(f'{option} {path}: is a directory; give a file name such as '
+                        f'{path / "completed.ply"}')
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f'{option} {path}: folder {folder} does not exist')
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=f'.{path.name}.probe-'):
+            pass
+    except OSError as exc:
+        raise UserError(f'{option} {path}: cannot write in {folder} '
+                        f'({exc.strerror or exc})') from None
+    return path
 
 
 def write_points(path: str | os.PathLike, xyz: np.ndarray, binary: bool = True) -> None:
@@ -228,6 +271,14 @@ def write_points(path: str | os.PathLike, xyz: np.ndarray, binary: bool = True) 
         raise ValueError(f'write_points needs an (N, 3) array, got {points.shape}')
     if not path.parent.is_dir():
         raise UserError(f'{path}: output folder {path.parent} does not exist')
+    try:
+        _write_points(path, suffix, points, binary)
+    except OSError as exc:  # a full disk, a folder that became read-only: nothing was replaced
+        raise UserError(f'{path}: cannot write ({exc.strerror or exc}); no file was '
+                        'written') from None
+
+
+def _write_points(path: Path, suffix: str, points: np.ndarray, binary: bool) -> None:
     n = len(points)
     with atomic_writer(path) as out:
         if suffix == '.npy':

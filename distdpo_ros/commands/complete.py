@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
-from distdpo_ros.pointio import SUFFIXES, read_points, write_points
+from distdpo_ros.pointio import SUFFIXES, check_output_file, read_points, write_points
 from distdpo_ros.settings import SamplingSettings
 
 
@@ -49,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distdpo_ros.completion import Completer
+    from distdpo_ros.checkpoint import load_config
+    from distdpo_ros.completion import Completer, valid_points
 
     out = args.out if args.out is not None else Path(f'{args.input.stem}.completed.ply')
-    if out.suffix.lower() not in SUFFIXES:  # checked before the work, not after it
-        raise UserError(f'--out {out}: unknown format; use one of {", ".join(SUFFIXES)}')
-    if not out.parent.is_dir():
-        raise UserError(f'--out {out}: folder {out.parent} does not exist')
+    check_output_file(out)  # before the work, not after it
     points = read_points(args.input, bin_columns=args.bin_columns)
+    # An empty or all-NaN scan is refused naming the file, before the weights are loaded.
+    valid_points(points, load_config(args.model), source=str(args.input))
     _say(f'read {len(points)} points from {args.input}')
     started = time.perf_counter()
     completer = Completer.from_pretrained(args.model, device=args.device)
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
                                    progress=True, **settings.arguments())
     _say(f'completed {args.input.name} with {settings.describe()}: {len(completed)} points in '
          f'{time.perf_counter() - started:.2f} s')
+    if len(completed) == 0:
+        raise UserError(f'{args.input}: the completion is empty (no point of the sample lies '
+                        f'within the model\'s {config.max_range:g} m range); nothing written to '
+                        f'{out}')
     write_points(out, completed, binary=not args.ascii)
     _say(f'wrote {out}')
     return 0

@@ -188,7 +188,7 @@ def test_config_that_does_not_fit_the_weights_is_refused_on_load(tmp_path, tiny)
     ('delete_weights', 'missing; the checkpoint has no weights'),
     ('bad_json', r'config\.json: not valid JSON'),
     ('unknown_field', r"config\.json: unknown config field\(s\) \['chanel_ratio'\]"),
-    ('bad_value', r'config\.json: config field "resolution" must be > 0'),
+    ('bad_value', r'config\.json: config field "resolution" must be >= 0.001'),
     ('delete_config', r'config\.json: missing'),
 ])
 def test_damaged_checkpoint_gives_one_line_naming_the_file(tmp_path, tiny, damage, message):

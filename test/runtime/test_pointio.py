@@ -140,6 +140,48 @@ def test_unreadable_files_raise_one_clear_line(tmp_path: Path, name: str, conten
     assert name in str(info.value) and '\n' not in str(info.value)
 
 
+def _pcd(fields: str, size: str, kind: str, count: str, points: str, body: bytes) -> bytes:
+    return (f'VERSION 0.7\nFIELDS {fields}\nSIZE {size}\nTYPE {kind}\nCOUNT {count}\n'
+            f'WIDTH 1\nHEIGHT 1\nPOINTS {points}\nDATA binary\n').encode() + body
+
+
+def _npy(dtype: list) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    np.save(buffer, np.zeros(4, dtype=dtype))
+    return buffer.getvalue()
+
+
+# The six file shapes an independent probe found unchecked (issue 17): each was a traceback.
+UNCHECKED_SHAPES = [
+    ('twice.ply', b'ply\nformat binary_little_endian 1.0\nelement vertex 1\nproperty float x\n'
+     b'property float x\nproperty float y\nproperty float z\nend_header\n' + bytes(16),
+     "property 'x' is declared more than once"),
+    ('f1.pcd', _pcd('x y z', '1 1 1', 'F F F', '1 1 1', '1', bytes(3)), 'TYPE F SIZE 1'),
+    ('minus.pcd', _pcd('x y z', '4 4 4', 'F F F', '1 1 1', '-1', bytes(12)),
+     'announces -1 points'),
+    ('count0.pcd', _pcd('x y z i', '4 4 4 4', 'F F F F', '1 1 1 0', '1', bytes(12)),
+     "field 'i' has COUNT 0"),
+    ('xcount.pcd', _pcd('x y z', '4 4 4', 'F F F', '3 1 1', '1', bytes(20)),
+     'x, y and z need COUNT 1'),
+    ('strings.npy', _npy([('x', 'U8'), ('y', 'f4'), ('z', 'f4')]), "field 'x' is <U8"),
+    ('subarray.npy', _npy([('x', 'f4', (3,)), ('y', 'f4'), ('z', 'f4')]),
+     r"field 'x' is <f4 \(3,\)"),
+]
+
+
+@pytest.mark.parametrize(('name', 'content', 'message'), UNCHECKED_SHAPES,
+                         ids=[case[0] for case in UNCHECKED_SHAPES])
+def test_unchecked_file_shapes_give_one_line(tmp_path: Path, name: str, content: bytes,
+                                             message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as info:
+        read_points(path)
+    assert name in str(info.value) and '\n' not in str(info.value)
+
+
 def test_write_refuses_bad_targets(tmp_path: Path, cloud: np.ndarray) -> None:
     with pytest.raises(UserError, match='cannot write'):
         write_points(tmp_path / 'out.las', cloud)
