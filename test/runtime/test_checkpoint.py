@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import time
 import types
 import zipfile
 from collections import OrderedDict
@@ -563,3 +565,263 @@ def test_group_norm_models_save_and_load_with_their_own_weight_names(tmp_path):
     with pytest.raises(UserError):  # a BatchNorm config does not fit group-norm weights
         ckpt.save_checkpoint(tmp_path / 'bad', config.replace(norm='batch'),
                              dict(bundle.diffusion.state_dict()))
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile checkpoints found by an independent probe (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lidiff_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return renamed({k: v for k, v in tensors.items() if not k.startswith('refine.')},
+                   {'denoiser.': 'model.', 'encoder.': 'partial_enc.'})
+
+
+def import_in_subprocess(ckpt_path: Path, out: Path, timeout: float = 120,
+                         ) -> subprocess.CompletedProcess:
+    """`distdpo import-ckpt` in its own process: a crash (SIGSEGV) shows as its exit code."""
+    return subprocess.run([sys.executable, '-m', 'distdpo_ros.cli', 'import-ckpt',
+                           str(ckpt_path), str(out)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+class CraftedDtype:
+    """Pickles as numpy.dtype(code) followed by BUILD with an arbitrary state."""
+
+    def __init__(self, code: str, state: tuple) -> None:
+        self.code, self.state = code, state
+
+    def __reduce__(self):
+        return np.dtype, (self.code, False, True), self.state
+
+
+class CraftedScalar:
+    """Pickles as numpy's scalar(dtype, raw bytes): the bytes become the scalar's value."""
+
+    def __init__(self, dtype, data: bytes) -> None:
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        from numpy._core.multiarray import scalar
+
+        return scalar, (self.dtype, self.data)
+
+
+@pytest.mark.parametrize('fields', [
+    {'a': (np.dtype('O'), 0)},  # an object field without the object flag: a chosen pointer
+    {'a': (np.dtype('f8'), 10**9)},  # a field 1 GB past the scalar's 8 bytes
+], ids=['object-field', 'field-offset'])
+def test_crafted_numpy_dtype_is_refused_not_a_crash(tmp_path, tiny, fields):
+    """Before the fix `import-ckpt` died with SIGSEGV (exit 139) when recording the provenance
+    (`.item()` on the scalar). dtypes are now rebuilt from a whitelist of plain numeric codes."""
+    config, tensors = tiny
+    dtype = CraftedDtype('V8', (3, '|', None, ('a',), fields, 8, 1, 0))
+    path = tmp_path / 'crafted.ckpt'
+    torch.save({'state_dict': lidiff_state(tensors), 'epoch': CraftedScalar(dtype, b'A' * 8)},
+               path)
+    result = import_in_subprocess(path, tmp_path / 'out')
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count('\n') == 1 and str(path) in result.stderr
+    assert "refusing to unpickle numpy.dtype('V8'" in result.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_plain_numpy_scalars_still_load(tmp_path, tiny):
+    config, tensors = tiny
+    path = tmp_path / 'scalars.ckpt'
+    values = {'f8': np.float64(0.25), 'f4': np.float32(-1.5), 'i8': np.int64(-7),
+              'u1': np.uint8(200), 'b1': np.bool_(True), 'be': np.dtype('>i4').type(5)}
+    torch.save({'state_dict': lidiff_state(tensors), 'extra': values}, path)
+    extra = lightning.read_lightning_checkpoint(path)['extra']
+    assert extra == values and [type(v) for v in extra.values()] == \
+        [type(v) for v in values.values()]
+
+
+def _write_zip(path: Path, entries: list[tuple[str, bytes, int, int, int]]) -> None:
+    """A zip archive from raw entries (name, stored bytes, method, crc32, uncompressed size):
+    zipfile cannot store bytes compressed elsewhere."""
+    import struct
+
+    body, directory = bytearray(), bytearray()
+    for name, data, method, crc, size in entries:
+        raw = name.encode()
+        offset = len(body)
+        body += struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, method, 0, 0x21, crc, len(data),
+                            size, len(raw), 0) + raw + data
+        directory += struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, method, 0, 0x21,
+                                 crc, len(data), size, len(raw), 0, 0, 0, 0, 0, offset) + raw
+    end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, len(entries), len(entries), len(directory),
+                      len(body), 0)
+    path.write_bytes(bytes(body + directory + end))
+
+
+def test_zip_bomb_is_refused_before_decompression(tmp_path, tiny):
+    """A ~1.5 MB .ckpt whose data.pkl inflates to 1.5 GB: before the fix import-ckpt grew to
+    2 GB and spun for minutes. It is refused from the archive directory, in its own process,
+    in seconds and without memory growth."""
+    import resource
+    import zlib
+
+    config, tensors = tiny
+    real = tmp_path / 'real.ckpt'
+    torch.save({'state_dict': lidiff_state(tensors)}, real)
+    with zipfile.ZipFile(real) as archive:
+        others = [(i.filename, archive.read(i.filename)) for i in archive.infolist()
+                  if not i.filename.endswith('data.pkl')]
+        prefix = archive.namelist()[0].split('/')[0]
+    # 96 copies of one fully flushed deflate block of 16 MiB of zeros (each block is
+    # self-contained), then an empty final block: a valid stream of 1.5 GiB.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(16 << 20)
+    block = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    copies = 96
+    stream = block * copies + b'\x03\x00'
+    crc = 0
+    for _ in range(copies):
+        crc = zlib.crc32(chunk, crc)
+    entries = [(f'{prefix}/data.pkl', stream, zipfile.ZIP_DEFLATED, crc, copies * len(chunk))]
+    entries += [(name, data, zipfile.ZIP_STORED, zlib.crc32(data), len(data))
+                for name, data in others]
+    bomb = tmp_path / 'bomb.ckpt'
+    _write_zip(bomb, entries)
+    assert bomb.stat().st_size < 4 * 2**20  # ~400x
+    with zipfile.ZipFile(bomb) as archive:  # a well-formed archive, as the probe's was
+        assert archive.getinfo(f'{prefix}/data.pkl').file_size == 1536 * 2**20
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = import_in_subprocess(bomb, tmp_path / 'out', timeout=120)
+    seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count('\n') == 1 and 'refusing a zip bomb' in result.stderr
+    assert 'data.pkl' in result.stderr and str(bomb) in result.stderr
+    assert seconds < 60
+    assert max(peak_kib, before) < 1.5 * 2**20  # KiB: far below the 1.5 GiB it would inflate to
+
+
+def test_garbage_checkpoints_say_what_is_wrong(tmp_path, tiny, capsys):
+    """Garbage once said "(184)": the number of an unknown pickle opcode."""
+    config, tensors = tiny
+    random_bytes = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    garbage = tmp_path / 'garbage.ckpt'
+    garbage.write_bytes(b'\xb8' + random_bytes)
+    code, out, err = run_cli(capsys, garbage, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert 'neither a zip archive nor a pickle' in err and "starts with b'\\xb8" in err
+
+    damaged = tmp_path / 'damaged.ckpt'
+    torch.save({'state_dict': lidiff_state(tensors)}, damaged)
+    with zipfile.ZipFile(damaged) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(damaged, 'w') as archive:
+        for name, data in records.items():
+            archive.writestr(name, b'\x80\x02\xb8' + random_bytes if name.endswith('data.pkl')
+                             else data)
+    code, out, err = run_cli(capsys, damaged, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert 'an unknown pickle opcode 0xb8' in err and '(184)' not in err
+
+
+def test_tensor_records_are_checked_against_the_archive(tmp_path, tiny, capsys):
+    """The pickle's storage sizes must be the archive's real record sizes (checked before torch
+    allocates or maps anything), and every tensor view must lie inside its storage."""
+    config, tensors = tiny
+    path = tmp_path / 'short.ckpt'
+    torch.save({'state_dict': lidiff_state(tensors)}, path)
+    with zipfile.ZipFile(path) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, data in records.items():
+            archive.writestr(name, data[:len(data) // 2] if name.endswith('/data/0') else data)
+    code, _, err = run_cli(capsys, path, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert re.search(r'tensor record data/0 holds \d+ bytes, the pickle declares \d+', err)
+
+    class OversizedView:
+        def __reduce__(self):
+            storage = torch.zeros(4)._typed_storage()
+            return torch._utils._rebuild_tensor_v2, (storage, 0, (1000, 1000), (1000, 1), False,
+                                                    OrderedDict())
+
+    path = tmp_path / 'view.ckpt'
+    torch.save({'state_dict': {**lidiff_state(tensors), 'model.extra': OversizedView()}}, path)
+    code, _, err = run_cli(capsys, path, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert 'a tensor of shape (1000, 1000) reaching past its storage of 4 values' in err
+
+
+def test_real_state_dicts_with_module_metadata_import(tmp_path, tiny):
+    """`module.state_dict()` carries `_metadata` (pickled as a BUILD on the OrderedDict), which
+    the restricted unpickler refused before: real checkpoints hold such state dicts."""
+    from distdpo_ros.models import DiffusionNet
+
+    config = preset('tiny', 'teacher')
+    torch.manual_seed(0)
+    net = DiffusionNet(config)
+    state = net.state_dict()
+    assert hasattr(state, '_metadata')
+    lightning_state = OrderedDict(
+        (('model.' + k.removeprefix('denoiser.') if k.startswith('denoiser.')
+          else 'partial_enc.' + k.removeprefix('encoder.')), v) for k, v in state.items())
+    lightning_state._metadata = state._metadata
+    path = tmp_path / 'real.ckpt'
+    torch.save({'state_dict': lightning_state, 'epoch': 3}, path)
+    imported_config, imported = lightning.import_lightning_checkpoint(path)
+    assert_same_tensors(imported, dict(state))
+
+
+@pytest.mark.parametrize('section, key, value, message', [
+    ('data', 'num_points', 10**15, r'num_points \(/ 10 = scan_points\) must be <= 1000000'),
+    ('data', 'num_points', 200.5, r'num_points \(/ 10 = scan_points\) must be a whole number'),
+    ('diff', 't_steps', 10**12, 't_steps must be <= 100000'),
+    ('data', 'resolution', 1e-30, 'resolution must be >= 0.001'),
+    ('data', 'max_range', float('nan'), 'max_range must be a finite number'),
+    ('train', 'uncond_w', 'six', "uncond_w must be a number, got 'six'"),
+])
+def test_hyper_parameters_are_checked_by_type_and_range(tmp_path, tiny, capsys, section, key,
+                                                        value, message):
+    config, tensors = tiny
+    hparams = {**LIDIFF_HPARAMS, section: {**LIDIFF_HPARAMS[section], key: value}}
+    path = save_lightning_style(tmp_path / 'in.ckpt', lidiff_state(tensors), hparams)
+    code, out, err = run_cli(capsys, path, tmp_path / 'out')
+    assert code == 2 and out == '' and err.count('\n') == 1
+    assert re.search(rf'{re.escape(str(path))}: hyper_parameters\.{section}\.{message}', err), err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_exponential_bookkeeping_is_refused_quickly(tmp_path, tiny, capsys):
+    """A pickle can share one list many times: 10 references, 20 levels deep, is a small file
+    describing 10**20 values. Copying it into the provenance notes must not try."""
+    config, tensors = tiny
+    shared: list = [0] * 10
+    for _ in range(20):
+        shared = [shared] * 10
+    path = save_lightning_style(tmp_path / 'laughs.ckpt', lidiff_state(tensors),
+                                {**LIDIFF_HPARAMS, 'experiment': {'id': shared}})
+    assert path.stat().st_size < 10 * 2**20
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, path, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert "its 'hyper_parameters' holds more than 100,000 values" in err
+    assert time.perf_counter() - started < 30
+
+
+def test_nan_weights_are_refused_on_import_and_load(tmp_path, tiny, capsys):
+    """NaN weights once imported and completed every scan into an empty cloud with exit 0."""
+    config, tensors = tiny
+    state = lidiff_state(tensors)
+    state['model.stem.0.kernel'] = state['model.stem.0.kernel'].clone()
+    state['model.stem.0.kernel'][0, 0, 0] = float('nan')
+    path = save_lightning_style(tmp_path / 'nan.ckpt', state, LIDIFF_HPARAMS)
+    code, _, err = run_cli(capsys, path, tmp_path / 'out')
+    assert code == 2 and err.count('\n') == 1
+    assert "tensor 'denoiser.stem.0.kernel' holds 1 NaN or infinite value(s)" in err
+    out = ckpt.save_checkpoint(tmp_path / 'm', config, tensors)
+    bad = dict(tensors)
+    bad['encoder.stem.0.kernel'] = torch.full_like(bad['encoder.stem.0.kernel'], float('inf'))
+    safetensors.torch.save_file(bad, out / ckpt.WEIGHTS_FILE)  # no digest: a foreign writer
+    with pytest.raises(UserError, match=r"weights\.safetensors: tensor 'encoder\.stem\.0\.kernel'"
+                                        r' holds \d+ NaN or infinite'):
+        ckpt.load_checkpoint(out)
