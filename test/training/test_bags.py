@@ -229,3 +229,20 @@ def test_bag_errors_name_what_is_wrong(tmp_path, capsys):
     assert cli_main(['bag2kitti', str(tmp_path / 'nothing'), str(tmp_path / 'out')]) == 2
     assert capsys.readouterr().err.strip() == (f'distdpo: error: {tmp_path / "nothing"}: bag '
                                                'does not exist')
+
+
+def test_bag_without_tf_is_one_line(tmp_path, capsys):
+    """A bag with clouds but no /tf: rosbags reads every message for an empty connection list,
+    which once reached the TF parser with clouds (AttributeError 'transforms')."""
+    bag = BagBuilder(tmp_path / 'bag')
+    for k in range(3):
+        bag.cloud(k * 10**8, np.ones((5, 3), np.float32))
+    bag.close()
+    frames = BagFrames(tmp_path / 'bag', '/points')
+    assert list(frames) == [] and len(frames.skipped) == 3
+    assert cli_main(['bag2kitti', str(tmp_path / 'bag'), str(tmp_path / 'out'),
+                     '--topic', '/points']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f'distdpo: error: {tmp_path / "bag"}: ')
+    assert 'no /tf or /tf_static transforms' in err and '--odom-topic' in err
+    assert not (tmp_path / 'out').exists()

@@ -228,3 +228,20 @@ def test_bad_arguments_give_one_line(dataset, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _evaluate('--model', str(tiny_model_dir), '--data', str(dataset), '--steps', '0',
                   '--out', str(tmp_path))
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused(dataset, tiny_model_dir, tmp_path,
+                                                          capsys):
+    from test_hostile_runs import hold_lock
+
+    out = tmp_path / 'eval'
+    first = hold_lock(out, 'distdpo evaluate')
+    try:
+        assert _evaluate('--model', str(tiny_model_dir), '--data', str(dataset), '--out',
+                         str(out), '--device', 'cpu', '--limit', '1') == 2
+    finally:
+        first.kill()
+        first.wait()
+    err = capsys.readouterr().err
+    assert f'distdpo: error: --out {out}: in use by `distdpo evaluate` (pid {first.pid}' in err
+    assert not (out / 'cache').exists()

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     frames = BagFrames(args.bag, args.topic, args.odom_topic, args.world_frame, args.origin)
+    if not frames.tf.frames():
+        raise UserError(f'{args.bag}: no /tf or /tf_static transforms to take the poses of the '
+                        'clouds from; give --odom-topic TOPIC if the bag has odometry')
     with tqdm(total=len(frames), desc='bag2kitti', unit='cloud', file=sys.stderr) as bar:
         def counted():
             for frame in frames:

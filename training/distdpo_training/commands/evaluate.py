@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distdpo_training.engine import distributed
+    from distdpo_training.engine.runlock import lock_run_folder
     from distdpo_training.evaluation import evaluate as ev
 
     if args.limit is not None and args.limit < 1:
@@ -99,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     group = distributed.setup(args.device, timeout_minutes=DAY_MINUTES)
     evaluation.device = str(group.device)
     try:
-        rows = ev.run_evaluation(evaluation, group.rank, group.world_size,
-                                 barrier=lambda: distributed.barrier(group))
+        with lock_run_folder(args.out, 'distdpo evaluate', group):
+            rows = ev.run_evaluation(evaluation, group.rank, group.world_size,
+                                     barrier=lambda: distributed.barrier(group))
     finally:
         distributed.teardown()
     if rows is not None:

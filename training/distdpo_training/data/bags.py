@@ -248,6 +248,9 @@ class BagFrames:
                   if (c.msgtype == TF_TYPE and c.topic in TF_TOPICS)
                   or (c.topic == self.odom_topic)]
         odom_msgs = []
+        if not wanted:  # rosbags reads every message for an empty connection list
+            self._odom_children = odom_children
+            return tf
         for conn, _, raw in reader.messages(connections=wanted):
             msg = reader.deserialize(raw, conn.msgtype)
             if conn.msgtype == ODOM_TYPE:
@@ -276,6 +279,9 @@ class BagFrames:
         source = cloud_frame.lstrip('/')
         if not source:
             raise NoPose('the cloud has an empty frame_id')
+        if not self.tf.frames():
+            raise NoPose('the bag has no /tf or /tf_static transforms to take poses from; '
+                         'give --odom-topic TOPIC if it has odometry')
         if source not in self.tf.frames() and len(self._odom_children) == 1:
             # Odometry of the sensor itself published under another name (e.g. base_link).
             (child,) = self._odom_children

@@ -316,8 +316,10 @@ class KittiWriter:
         old = sorted((self.path / 'velodyne').glob('*.bin')) + sorted(
             (self.path / 'labels').glob('*.label'))
         if old and not overwrite:
-            raise UserError(f'{self.path}: already holds a sequence ({old[0].name}, ...); '
-                            'choose an empty folder')
+            what = ('a sequence' if (self.path / 'poses.txt').is_file() else
+                    f'{len(old)} scan file(s) of an interrupted write (no poses.txt)')
+            raise UserError(f'{self.path}: already holds {what} ({old[0].name}, ...); choose an '
+                            'empty folder, or pass --overwrite to replace its scans')
         for path_old in old:
             path_old.unlink()
         (self.path / MAP_FILE).unlink(missing_ok=True)  # derived from the old scans

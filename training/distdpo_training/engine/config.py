@@ -19,6 +19,7 @@ import yaml
 
 from distdpo_ros.config import ModelConfig, preset
 from distdpo_ros.errors import UserError
+from distdpo_ros.validation import check_seed
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 T = TypeVar('T')
@@ -68,6 +69,10 @@ class EngineConfig:
             raise UserError(f'{source}: field "train.precision" must be auto, fp32 or bf16')
         if self.val_every < 0 or self.val_scans < 0 or self.threads < 0:
             raise UserError(f'{source}: fields "train.val_every/val_scans/threads" must be >= 0')
+        try:
+            check_seed(self.seed, 'field "train.seed"')
+        except UserError as exc:
+            raise UserError(f'{source}: {exc}') from None
         return self
 
 

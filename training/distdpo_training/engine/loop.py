@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import gc
 import math
 import os
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from distdpo_ros.atomic import write_bytes_atomic
-from distdpo_ros.errors import UserError
+from distdpo_ros.errors import Cancelled, UserError
 from distdpo_training.engine import distributed as D
 from distdpo_training.engine.config import EngineConfig
 from distdpo_training.engine.data import (
@@ -53,6 +54,7 @@ from distdpo_training.engine.data import (
     rng_to_tensor,
     sample_generators,
 )
+from distdpo_training.engine.runlock import lock_run_folder
 from distdpo_training.engine.runlog import RunLog
 from distdpo_training.engine.state import load_state, save_state
 
@@ -90,8 +92,14 @@ class Engine:
                  resume: str | None = None, loop: str = 'train') -> None:
         self.cfg, self.out = cfg, Path(out_dir)
         self.run_config, self.loop = run_config, loop
-        self.resume_from = self._resume_path(resume)
         self.dist = D.setup(cfg.device)
+        # One run per folder: a second process on it is refused before it reads or writes there.
+        self.lock = lock_run_folder(self.out, f'distdpo train {loop}', self.dist)
+        try:
+            self.resume_from = self._resume_path(resume)
+        except BaseException:
+            self.lock.release()
+            raise
         self.device = self.dist.device
         self.precision = self._precision()
         self.modules: dict[str, nn.Module] = {}
@@ -205,7 +213,28 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self, task: Task, train_set: Dataset, collate: Callable[[list[Any]], Any],
             val_set: Dataset | None = None) -> int:
-        """Train until train.max_steps; returns 0, or 128 + signal when stopped by a signal."""
+        """Train until train.max_steps; returns 0, or 128 + signal when stopped by a signal.
+
+        A full disk (or another write error of the run folder) ends the run with one line; the
+        training states are written atomically, so the last complete one stays valid."""
+        try:
+            return self._fit(task, train_set, collate, val_set)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            state = self.out / 'state' / 'last.safetensors'
+            kept = (f'the last training state {state} is intact; free space and continue with '
+                    '--resume' if state.is_file() else 'no training state was written yet')
+            raise UserError(f'{exc.filename or self.out}: cannot write ({exc.strerror}) at step '
+                            f'{self.step}; {kept}') from None
+
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM / Ctrl-C asked this process to stop (asked between sampler steps and
+        validation scans, so that a long validation does not hold the stop up)."""
+        return self._stop_signal is not None
+
+    def _fit(self, task: Task, train_set: Dataset, collate: Callable[[list[Any]], Any],
+             val_set: Dataset | None) -> int:
         cfg, d = self.cfg, self.dist
         if cfg.batch_size % d.world_size:
             raise UserError(f'train.batch_size {cfg.batch_size} must be divisible by the '
@@ -242,6 +271,9 @@ class Engine:
                 log.write(self.step, {'resumed_from': str(self.resume_from)}, kind='event')
             if cfg.val_at_start and self.step == 0 and self.resume_from is None:
                 self._validate(task, val_set, log)
+                stopped = D.any_rank(self.stop_requested(), d)
+                if stopped:
+                    self._save(task, 'last')
             while self.step < cfg.max_steps and not stopped:
                 sampler.set_position(self.epoch, self.batch_in_epoch)
                 t_data = time.perf_counter()
@@ -283,7 +315,9 @@ class Engine:
                     self.batch_in_epoch = 0
         finally:
             bar.close()
-            log.close()
+            failing = sys.exc_info()[0] is not None
+            with contextlib.suppress(OSError) if failing else contextlib.nullcontext():
+                log.close()  # on a full disk, the error in flight is the one to report
             self._restore_signal_handlers(previous_handlers)
             D.barrier(d)
         if stopped:
@@ -296,13 +330,17 @@ class Engine:
         return 0
 
     def close(self) -> None:
-        """Release the DDP wrappers (their reducers use the process group), then leave it."""
+        """Release the DDP wrappers (their reducers use the process group), leave it, and unlock
+        the run folder."""
         self.wrapped.clear()
         self.modules.clear()
         self.optimizers.clear()
         self.schedulers.clear()
         gc.collect()
-        D.teardown()
+        try:
+            D.teardown()
+        finally:
+            self.lock.release()
 
     # ---- internals ---------------------------------------------------------------------------
     def _precision(self) -> torch.dtype | None:
@@ -375,9 +413,23 @@ class Engine:
         n = min(self.cfg.val_scans, len(val_set))
         rows: list[dict[str, float]] = []
         t0 = time.perf_counter()
+        interrupted = False
         with torch.no_grad():
             for index in range(self.dist.rank, n, self.dist.world_size):
-                rows.append(task.validate(self, val_set[index], index))
+                if self.stop_requested():  # between scans; within one, between sampler steps
+                    interrupted = True
+                    break
+                try:
+                    rows.append(task.validate(self, val_set[index], index))
+                except Cancelled:
+                    interrupted = True
+                    break
+        if D.any_rank(interrupted, self.dist):
+            log.write(self.step, {'validation': 'interrupted by a signal'}, kind='event')
+            if self.is_main:
+                tqdm.write(f'[{self.loop}] step {self.step} validation interrupted',
+                           file=sys.stderr)
+            return
         names = sorted({k for row in rows for k in row})
         names = self._agree_on_names(names)
         sums = torch.tensor([[sum(r.get(k, 0.0) for r in rows) for k in names],
@@ -448,6 +500,13 @@ class Engine:
     def _load(self, path: Path) -> None:
         """Restore everything written by _save; refuse a state of another loop or model."""
         state = load_state(path)
+        for key, (types, low) in _STATE_LAYOUT.items():
+            value = state.get(key)
+            if not isinstance(value, types) or isinstance(value, bool) or (
+                    low is not None and value < low) or (
+                    key == 'rng' and not all(isinstance(v, torch.Tensor) for v in value)):
+                raise UserError(f'{path}: training state field "{key}" is {value!r:.60}; the '
+                                'file was edited or is not a state of `distdpo train`')
         if state.get('loop') != self.loop:
             raise UserError(f'{path}: a state of `distdpo train {state.get("loop")}`, '
                             f'not of `{self.loop}`')
@@ -477,6 +536,19 @@ class Engine:
             print(f'distdpo: the state was written by {len(rng)} processes, this run has '
                   f'{self.dist.world_size}: global RNG states are not restored (the data order '
                   'and per-sample noise still are)', file=sys.stderr)
+
+
+# Write errors that mean "the disk", not a bug: one line for the user, not a traceback.
+_DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES})
+
+# What _state() writes, checked on load before anything is used: the header of a state file is
+# plain JSON, so an edited one must be refused with a line, not a KeyError.
+_STATE_LAYOUT: dict[str, tuple[tuple[type, ...], int | None]] = {  # key: (types, minimum)
+    'loop': ((str,), None), 'step': ((int,), 0), 'epoch': ((int,), 0),
+    'batch_in_epoch': ((int,), 0), 'best': ((float, int, type(None)), None),
+    'world_size': ((int,), 1), 'config': ((dict,), None), 'modules': ((dict,), None),
+    'optimizers': ((dict,), None), 'schedulers': ((dict,), None), 'rng': ((list,), None),
+}
 
 
 def _keep_previous(last: Path, previous: Path) -> None:

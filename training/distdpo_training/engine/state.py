@@ -5,8 +5,8 @@ and numpy arrays (model/optimiser/scheduler state dicts, RNG states, counters). 
 splits it into a flat ``{key: tensor}`` dict and a JSON skeleton that names those keys;
 :func:`unflatten` puts it back. :func:`save_state` writes one ``.safetensors`` file atomically
 (temp file in the same folder, fsync, rename, fsync of the folder) whose header metadata holds
-the skeleton and a SHA-256 of all tensor bytes; :func:`load_state` refuses a truncated or
-corrupted file with one clear line.
+the skeleton, a SHA-256 of all tensor bytes and one of the skeleton; :func:`load_state` refuses a
+truncated, corrupted or edited file with one clear line.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from distdpo_ros.atomic import write_bytes_atomic
 from distdpo_ros.errors import UserError
+from distdpo_ros.validation import loads_json, plain_dtype
 
 FORMAT = 'distdpo-train-state'
 VERSION = 1
@@ -69,7 +70,8 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if '__tensor__' in skeleton:
         return tensors[skeleton['__tensor__']]
     if '__ndarray__' in skeleton:
-        return tensors[skeleton['__ndarray__']].numpy().astype(np.dtype(skeleton['dtype']))
+        dtype = plain_dtype(skeleton.get('dtype'), 'training state array')
+        return tensors[skeleton['__ndarray__']].numpy().astype(dtype)
     if '__tuple__' in skeleton:
         return tuple(unflatten(v, tensors) for v in skeleton['__tuple__'])
     if '__items__' in skeleton:
@@ -90,8 +92,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write a training state to one safetensors file, atomically."""
     skeleton, tensors = flatten(state)
+    text = json.dumps(skeleton)
     metadata = {'format': FORMAT, 'version': str(VERSION), 'sha256': _digest(tensors),
-                'state': json.dumps(skeleton)}
+                'state': text, 'state_sha256': hashlib.sha256(text.encode()).hexdigest()}
     write_bytes_atomic(Path(path), safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -116,8 +119,23 @@ def load_state(path: Path) -> dict[str, Any]:
     if _digest(tensors) != metadata.get('sha256'):
         raise UserError(f'{path}: training state is corrupted (SHA-256 of its tensors does not '
                         'match the one recorded when it was written)')
+    text = metadata.get('state')
+    if not isinstance(text, str):
+        raise UserError(f'{path}: training state header has no "state" entry; the file is '
+                        'corrupt')
+    recorded = metadata.get('state_sha256')  # absent in states written before it was added
+    if recorded is not None and recorded != hashlib.sha256(text.encode()).hexdigest():
+        raise UserError(f'{path}: the training state header was changed after it was written '
+                        '(its SHA-256 does not match); the file is corrupt or was edited')
+    skeleton = loads_json(text, f'{path}: training state header')
     try:
-        skeleton = json.loads(metadata['state'])
-        return unflatten(skeleton, tensors)
-    except (KeyError, ValueError) as exc:
-        raise UserError(f'{path}: training state header is corrupted ({exc})') from exc
+        state = unflatten(skeleton, tensors)
+    except UserError as exc:
+        raise UserError(f'{path}: {exc}') from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f'{path}: training state header is corrupted ({type(exc).__name__}: '
+                        f'{exc})') from None
+    if not isinstance(state, dict):
+        raise UserError(f'{path}: training state header holds a {type(state).__name__}, not a '
+                        'state')
+    return state

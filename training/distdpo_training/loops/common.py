@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,14 @@ def export_diffusion(out_dir: Path, net: DiffusionNet, model: ModelConfig, loop:
 
 
 def complete_for_validation(net: DiffusionNet, scan: torch.Tensor, model: ModelConfig,
-                            steps: int, guidance: float, generator: torch.Generator
-                            ) -> torch.Tensor:
-    """The Completer's diffusion + crop of one scan (M, 3) on the net's device: (P, 3)."""
+                            steps: int, guidance: float, generator: torch.Generator,
+                            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The Completer's diffusion + crop of one scan (M, 3) on the net's device: (P, 3).
+
+    `should_stop` is asked before every sampler step (True raises Cancelled)."""
     settings = SamplingSettings.from_parameters(steps, guidance)
     raw = sample(net, scan[None], model, steps=settings.steps, guidance=settings.guidance,
-                 generators=generator)
+                 generators=generator, should_stop=should_stop)
     return postprocess(raw[0], initial_cloud(scan[None], model.replication)[0], model.max_range)
 
 
@@ -145,7 +148,7 @@ def validate_completion(engine: Engine, net: DiffusionNet, model: ModelConfig,
     scan = torch.as_tensor(item['scan'], device=engine.device)
     with engine.autocast():
         pred = complete_for_validation(net, scan, model, cfg.steps, cfg.guidance,
-                                       engine.generator('val', index))
+                                       engine.generator('val', index), engine.stop_requested)
     pred_np = pred.float().cpu().numpy()
     gt = np.asarray(item['gt'])
     row = validation_metrics(pred_np, gt)

@@ -14,7 +14,9 @@
 then writes ``summary.json`` and returns the summary for the caller to print.
 
 The output folder is marked as the demo's own (``.distdpo-demo``), so that a re-run may replace the
-previous run's outputs there and a folder holding anything else is never touched.
+previous run's outputs there and a folder holding anything else is never touched; it is locked for
+the whole run, so a second demo on the same folder is refused instead of removing the first's
+drive.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 from distdpo_ros import checkpoint as ckpt
 from distdpo_ros.errors import UserError
 from distdpo_ros.settings import SamplingSettings
+from distdpo_ros.validation import check_seed
+from distdpo_training.engine.runlock import LOCK_FILE, RunLock
 from distdpo_training.evaluation.baselines import BASELINES, SHORT
 
 MARKER = '.distdpo-demo'
@@ -92,13 +96,11 @@ def resolve_teacher(teacher: str, model: str) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 def prepare_output(out: Path) -> None:
-    """Create `out` (or reuse an earlier demo's) and remove the previous run's folders there."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f'--out {out}: is a file; give a folder')
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    """In the locked `out`: check that it is new, empty or an earlier demo's, and remove the
+    previous run's folders there."""
+    if any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f'--out {out}: exists and was not written by `distdpo demo`; choose a '
                         'new or empty folder')
-    out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text('written by `distdpo demo`; its outputs here are replaced on '
                               'the next run\n', encoding='utf-8')
     for name in (DRIVE_DIR, RECORD_DIR):
@@ -221,21 +223,28 @@ def draw_picture(opts: DemoOptions, folder: Path, row: dict[str, Any], completio
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the demo (see the module docstring) and return the summary it wrote."""
-    from distdpo_ros.atomic import atomic_writer
     from distdpo_ros.completion import resolve_device
     from distdpo_ros.ros_env import use_local_ros_network
 
     if opts.frames < 1:
         raise UserError(f'--frames must be at least 1, got {opts.frames}')
-    if opts.seed < 0:
-        raise UserError(f'--seed must be >= 0, got {opts.seed}')
+    check_seed(opts.seed)
     model_dir = resolve_demo_model(opts.model)
     config = ckpt.load_config(model_dir)
     teacher_dir = resolve_teacher(opts.teacher, opts.model)
     device = str(resolve_device(opts.device))
     steps = SamplingSettings.from_parameters(opts.steps).resolved(config).steps
     use_local_ros_network()  # before anything imports rclpy; the node process inherits it
-    prepare_output(opts.out)
+    with RunLock(opts.out, 'distdpo demo'):  # created if needed; a running demo is refused
+        prepare_output(opts.out)
+        return _run_stages(opts, model_dir, config, teacher_dir, device, steps)
+
+
+def _run_stages(opts: DemoOptions, model_dir: Path, config: Any, teacher_dir: Path | None,
+                device: str, steps: int) -> dict[str, Any]:
+    """The five stages and the summary, in the prepared and locked output folder."""
+    from distdpo_ros.atomic import atomic_writer
+
     seconds: dict[str, float] = {}
     try:
         clock = time.perf_counter()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from distdpo_ros.errors import UserError
+from distdpo_ros.validation import check_seed
 from distdpo_training.data.frames import Frame
 from distdpo_training.data.kitti import KittiWriter
 from distdpo_training.data.simulation.agents import Agents, build_agents
@@ -161,8 +162,7 @@ class Sequence:
 def _check_sizes(frames: int, seed: int) -> None:
     if frames < 1:
         raise UserError(f'--frames must be at least 1, got {frames}')
-    if seed < 0:
-        raise UserError(f'--seed must be >= 0, got {seed}')
+    check_seed(seed)
 
 
 def make_sequence(seed: int, index: int, frames: int, urban: bool | None = None,
