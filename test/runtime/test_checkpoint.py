@@ -138,6 +138,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def rewrite_records(path: Path, change) -> None:
+    """Rewrite a torch zip checkpoint with `change(name, data) -> data` applied to each record."""
+    with zipfile.ZipFile(path) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, data in records.items():
+            archive.writestr(name, change(name, data))
+
+
 # ---------------------------------------------------------------------------------------------
 # our format
 # ---------------------------------------------------------------------------------------------
@@ -441,11 +450,7 @@ def test_pickle_that_would_modify_an_allowed_function_is_refused(tmp_path):
     torch.save({}, path)
     tampering = (b'\x80\x02ctorch._utils\n_rebuild_tensor_v2\n'  # push the function, then
                  b'N}X\x0c\x00\x00\x00__defaults__)s\x86b.')  # BUILD (None, {'__defaults__': ()})
-    with zipfile.ZipFile(path) as archive:
-        records = {name: archive.read(name) for name in archive.namelist()}
-    with zipfile.ZipFile(path, 'w') as archive:
-        for name, data in records.items():
-            archive.writestr(name, tampering if name.endswith('/data.pkl') else data)
+    rewrite_records(path, lambda name, data: tampering if name.endswith('/data.pkl') else data)
     before = torch._utils._rebuild_tensor_v2.__defaults__
     with pytest.raises(UserError, match='refusing to unpickle a state change of the function '
                                         '_rebuild_tensor_v2'):
@@ -713,12 +718,8 @@ def test_garbage_checkpoints_say_what_is_wrong(tmp_path, tiny, capsys):
 
     damaged = tmp_path / 'damaged.ckpt'
     torch.save({'state_dict': lidiff_state(tensors)}, damaged)
-    with zipfile.ZipFile(damaged) as archive:
-        records = {name: archive.read(name) for name in archive.namelist()}
-    with zipfile.ZipFile(damaged, 'w') as archive:
-        for name, data in records.items():
-            archive.writestr(name, b'\x80\x02\xb8' + random_bytes if name.endswith('data.pkl')
-                             else data)
+    rewrite_records(damaged, lambda name, data: b'\x80\x02\xb8' + random_bytes
+                    if name.endswith('data.pkl') else data)
     code, out, err = run_cli(capsys, damaged, tmp_path / 'out')
     assert code == 2 and err.count('\n') == 1
     assert 'an unknown pickle opcode 0xb8' in err and '(184)' not in err
@@ -730,11 +731,8 @@ def test_tensor_records_are_checked_against_the_archive(tmp_path, tiny, capsys):
     config, tensors = tiny
     path = tmp_path / 'short.ckpt'
     torch.save({'state_dict': lidiff_state(tensors)}, path)
-    with zipfile.ZipFile(path) as archive:
-        records = {name: archive.read(name) for name in archive.namelist()}
-    with zipfile.ZipFile(path, 'w') as archive:
-        for name, data in records.items():
-            archive.writestr(name, data[:len(data) // 2] if name.endswith('/data/0') else data)
+    rewrite_records(path, lambda name, data: data[:len(data) // 2] if name.endswith('/data/0')
+                    else data)
     code, _, err = run_cli(capsys, path, tmp_path / 'out')
     assert code == 2 and err.count('\n') == 1
     assert re.search(r'tensor record data/0 holds \d+ bytes, the pickle declares \d+', err)
