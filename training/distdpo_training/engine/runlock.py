@@ -27,9 +27,10 @@ LOCK_FILE = '.distdpo-lock'
 class RunLock:
     """The lock of one run folder (see the module docstring); a context manager."""
 
-    def __init__(self, folder: str | os.PathLike, command: str) -> None:
+    def __init__(self, folder: str | os.PathLike, command: str, enabled: bool = True) -> None:
         self.folder, self.command = Path(folder), command
         self.path = self.folder / LOCK_FILE
+        self.enabled = enabled  # False on the torchrun ranks that do not hold the lock
         self._fd: int | None = None
 
     @property
@@ -38,7 +39,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise UserError naming its holder; creates the folder if needed."""
-        if self.held:
+        if self.held or not self.enabled:
             return self
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f'--out {self.folder}: is a file; give a folder')
@@ -121,13 +122,12 @@ def lock_run_folder(folder: str | os.PathLike, command: str, dist: Any = None) -
     :class:`~distdpo_training.engine.distributed.Dist`), every rank then raising the refusal."""
     from distdpo_training.engine import distributed
 
-    lock = RunLock(folder, command)
+    lock = RunLock(folder, command, enabled=dist is None or dist.is_main)
     error: UserError | None = None
-    if dist is None or dist.is_main:
-        try:
-            lock.acquire()
-        except UserError as exc:
-            error = exc
+    try:
+        lock.acquire()
+    except UserError as exc:
+        error = exc
     if dist is not None and distributed.any_rank(error is not None, dist) and error is None:
         raise UserError(f'--out {folder}: rank 0 could not lock the folder (see its message)')
     if error is not None:
