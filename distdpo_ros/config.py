@@ -80,17 +80,10 @@ class ModelConfig:
         return self
 
     def _validate_formulation(self) -> None:
-        for name, allowed in (('sampler', SAMPLERS), ('norm', NORMS)):
-            if getattr(self, name) not in allowed:
-                raise UserError(f'config field "{name}" must be one of {allowed}, got '
-                                f'{getattr(self, name)!r}')
-        if isinstance(self.t_start, bool) or not isinstance(self.t_start, int) or \
-                not -1 <= self.t_start < self.num_train_timesteps:
+        """The formulation's checks across fields (each field's own: FIELD_RULES)."""
+        if self.t_start >= self.num_train_timesteps:
             raise UserError(f'config field "t_start" must be -1 or in [0, '
                             f'{self.num_train_timesteps - 1}], got {self.t_start!r}')
-        if not self.x0_clamp >= 0 or self.x0_clamp == float('inf'):
-            raise UserError(f'config field "x0_clamp" must be a finite number >= 0 (metres), got '
-                            f'{self.x0_clamp!r}')
         last = self.num_train_timesteps - 1
         if self.sampler not in VE_SAMPLERS and (self.start_timestep != last or self.x0_clamp > 0):
             raise UserError(f'config fields "t_start" and "x0_clamp" need a variance-exploding '
@@ -213,6 +206,10 @@ FIELD_RULES: dict[str, FieldRule] = {
     'init_noise_scale': FieldRule(float, 0, 1_000, low_open=True),
     'refine_up_factor': FieldRule(int, 1, 64),
     'has_refine': FieldRule(bool),
+    'sampler': FieldRule(str, choices=SAMPLERS),
+    't_start': FieldRule(int, -1, 100_000),  # -1: the last training timestep
+    'x0_clamp': FieldRule(float, 0, 10_000),  # metres; 0 = off
+    'norm': FieldRule(str, choices=NORMS),
     'notes': FieldRule(dict),
 }
 MAX_FULL_POINTS = 10_000_000  # scan_points x replication: the points diffused per scene
