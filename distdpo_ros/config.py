@@ -18,8 +18,10 @@ from distdpo_ros.errors import UserError
 
 SCALES = ('full', 'small', 'tiny')
 ROLES = ('teacher', 'student', 'refine')
-# The fields that decide whether two checkpoints have the same networks (weights transfer).
-NETWORK_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication', 'norm')
+# The fields of a scale (what a loop config states), and with the normalisation the fields that
+# decide whether two checkpoints have the same networks (weights transfer).
+SCALE_FIELDS = ('channel_ratio', 'resolution', 'scan_points', 'replication')
+NETWORK_FIELDS = (*SCALE_FIELDS, 'norm')
 # Samplers (distdpo_ros.diffusion.solvers.SOLVERS): LiDiff's variance-preserving DPM-Solver++ on
 # the residual (the default: imported and older checkpoints behave exactly as before), its DDPM
 # counterpart, and the two variance-exploding samplers consistent with the training noising.

@@ -264,3 +264,14 @@ def test_a_ve_teacher_is_distilled_on_its_own_sampler_and_range_of_t():
     assert abs(spread - sigma) < 0.1 * sigma  # eps_hat = 0 keeps the start: x_init + sigma eps
     ratio = ((second - x_init).std() / (first - x_init).std()).item()
     assert abs(ratio - task.cfg.pair_noise_scale) < 1e-4
+
+
+def test_the_config_states_the_scale_and_the_teacher_brings_its_normalisation():
+    from distdpo_training.engine.config import ModelSpec
+    from distdpo_training.loops.distill import student_config
+
+    teacher = preset('tiny', 'teacher').replace(norm='group', sampler='ve-ddim', t_start=100)
+    student = student_config(teacher, ModelSpec(scale='tiny', role='student'), DistillConfig(),
+                             'distill_tiny')
+    assert (student.norm, student.sampler, student.t_start) == ('group', 've-ddim', 100)
+    assert student.role == 'student'

@@ -53,7 +53,7 @@ from distdpo_ros.completion import (
     initial_cloud,
     make_solver_for,
 )
-from distdpo_ros.config import VE_SAMPLERS, ModelConfig, require_same_networks
+from distdpo_ros.config import SCALE_FIELDS, VE_SAMPLERS, ModelConfig, require_same_networks
 from distdpo_ros.diffusion import NoiseSchedule
 from distdpo_ros.errors import UserError
 from distdpo_ros.models import Condition, DiffusionNet
@@ -114,7 +114,9 @@ class DistillConfig:
 def student_config(teacher: ModelConfig, spec: ModelSpec, cfg: DistillConfig,
                    source: str) -> ModelConfig:
     """The student's config: the teacher's networks, the student's role and sampler defaults."""
-    require_same_networks(teacher, spec.build(), f'{source}: the teacher checkpoint')
+    # The networks (and their normalisation) are the teacher's; the config states only the scale.
+    require_same_networks(teacher, spec.build(), f'{source}: the teacher checkpoint',
+                          fields=SCALE_FIELDS)
     return teacher.replace(role='student', steps=cfg.student_steps,
                            guidance=cfg.student_guidance, notes={})
 
