@@ -20,6 +20,7 @@ import torch
 
 from distdpo_ros import checkpoint as ckpt
 from distdpo_ros import lightning_import as lightning
+from distdpo_ros import safe_pickle
 from distdpo_ros.cli import main as cli_main
 from distdpo_ros.config import preset
 from distdpo_ros.errors import UserError
@@ -404,9 +405,9 @@ def test_lightning_names_become_inert_stand_ins(tmp_path, tiny):
         state = renamed({k: v for k, v in tensors.items() if not k.startswith('refine.')},
                         {'denoiser.': 'model.', 'encoder.': 'partial_enc.'})
         path = save_lightning_style(tmp_path / 'x.ckpt', state, LIDIFF_HPARAMS, extra)
-    data = lightning.read_lightning_checkpoint(path)
+    data = safe_pickle.read_lightning_checkpoint(path)
     assert not marker.exists()
-    assert isinstance(data['loops'], lightning.LightningStandIn)
+    assert isinstance(data['loops'], safe_pickle.LightningStandIn)
     assert data['loops'].pickled_args == (str(marker),)
     assert data['loops'].origin == 'pytorch_lightning.utilities.cloud_io.write_marker'
     assert dict(data['hyper_parameters']) == LIDIFF_HPARAMS
@@ -436,7 +437,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, capsys, how, nam
     torch.save({'state_dict': {'model.stem.0.kernel': torch.zeros(27, 3, 32)},
                 'hyper_parameters': {'data': _Evil(how, marker)}}, path)
     with pytest.raises(UserError, match=f'refusing to unpickle {named}: only tensors'):
-        lightning.read_lightning_checkpoint(path)
+        safe_pickle.read_lightning_checkpoint(path)
     code, out, err = run_cli(capsys, path, tmp_path / 'out')
     assert code == 2 and out == ''
     assert err.startswith(f'distdpo: error: {path}: refusing to unpickle {named}')
@@ -454,7 +455,7 @@ def test_pickle_that_would_modify_an_allowed_function_is_refused(tmp_path):
     before = torch._utils._rebuild_tensor_v2.__defaults__
     with pytest.raises(UserError, match='refusing to unpickle a state change of the function '
                                         '_rebuild_tensor_v2'):
-        lightning.read_lightning_checkpoint(path)
+        safe_pickle.read_lightning_checkpoint(path)
     assert torch._utils._rebuild_tensor_v2.__defaults__ == before
 
 
@@ -639,7 +640,7 @@ def test_plain_numpy_scalars_still_load(tmp_path, tiny):
     values = {'f8': np.float64(0.25), 'f4': np.float32(-1.5), 'i8': np.int64(-7),
               'u1': np.uint8(200), 'b1': np.bool_(True), 'be': np.dtype('>i4').type(5)}
     torch.save({'state_dict': lidiff_state(tensors), 'extra': values}, path)
-    extra = lightning.read_lightning_checkpoint(path)['extra']
+    extra = safe_pickle.read_lightning_checkpoint(path)['extra']
     assert extra == values and [type(v) for v in extra.values()] == \
         [type(v) for v in values.values()]
 
