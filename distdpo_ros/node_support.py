@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +22,10 @@ REJECT_REASONS = pointcloud.REASONS + ('no_points_in_range',)
 
 
 class CompleterLike(Protocol):
-    """What the node needs from a model: distdpo_ros.completion.Completer or a test double."""
+    """What the node needs from a model: distdpo_ros.completion.Completer or a test double.
+
+    A `complete` that also takes `should_stop` (a callable asked before every sampler step) is
+    cancelled by the node at shutdown; one without it is waited for."""
 
     def complete(self, points: np.ndarray, steps: int | None = None,
                  guidance: float | None = None, refine: bool = False,
@@ -31,41 +34,62 @@ class CompleterLike(Protocol):
 
 @dataclass
 class Param:
-    """One node parameter: default, description, writable at run time or not, numeric range."""
+    """One node parameter: default, description, whether it changes at run time, numeric range.
+
+    `read_only` parameters say why in their description (shown by `ros2 param describe`);
+    `constraints` is shown there too. A range is given as `low`/`high` (both or neither)."""
 
     default: Any
     description: str
     read_only: bool = True
     low: float | None = None
     high: float | None = None
+    constraints: str = ''
 
+
+RESTART = 'read-only: restart the node to change it'
+RELIABILITIES = ('auto', 'reliable', 'best_effort')
+INT32_MAX = 2**31 - 1
 
 # The node's parameters; config/completion.yaml carries the same defaults (a test checks it).
+# Writable ones take effect from the next scan. The steps range is narrowed to the loaded model's
+# (SamplingSettings.resolved decides; the node checks every change with it).
 PARAMETERS: dict[str, Param] = {
-    'model': Param('default', 'checkpoint directory, or a shipped model name ("default")'),
-    'device': Param('auto', 'auto (cuda when available), cpu or cuda[:N]'),
-    'steps': Param(0, "sampler steps per scan; 0: the model's own (changeable at run time)",
-                   False, 0, 1000),
-    'guidance': Param(-1.0, "classifier-free guidance weight; -1: the model's own "
-                      '(changeable at run time)', False, -1.0, 50.0),
-    'refine': Param(False, 'run the x6 refinement network after sampling', False),
+    'model': Param('default', 'checkpoint directory, or a shipped model name ("default"); '
+                   f'{RESTART} (the model is loaded once, at start)'),
+    'device': Param('auto', 'auto (cuda when available), cpu or cuda[:N]; '
+                    f'{RESTART} (the model is loaded once, at start)'),
+    'steps': Param(0, "sampler steps per scan; 0: the model's own", False, 0, 999,
+                   "0, or a number of steps the model's sampler accepts (1 to its "
+                   'num_train_timesteps - 1)'),
+    'guidance': Param(-1.0, "classifier-free guidance weight; -1: the model's own", False,
+                      constraints='-1, or a finite number >= 0'),
+    'refine': Param(False, 'run the x6 refinement network after sampling (a model with '
+                    'refinement weights)', False),
     'points': Param(0, 'publish at most this many points, a seeded random subset (0: all)',
-                    False, 0, 50_000_000),
+                    False, 0, INT32_MAX),
     'min_range': Param(0.0, 'drop input points closer than this [m] (0: keep)', False,
-                       0.0, 1000.0),
+                       0.0, 1000.0, 'smaller than max_range when both are set'),
     'max_range': Param(0.0, 'drop input points farther than this [m] (0: keep)', False,
-                       0.0, 1000.0),
-    'seed': Param(0, 'sampler seed; -1 draws a new one for every scan', False, -1, 2**31 - 1),
-    'reliability': Param('best_effort', 'input QoS reliability: best_effort or reliable'),
-    'depth': Param(2, 'input QoS queue depth', True, 1, 100),
-    'max_points': Param(pointcloud.MAX_POINTS, 'reject input clouds with more points', True,
-                        1, 100_000_000),
-    'warmup': Param(True, 'complete a synthetic scan at start so the first real one is fast'),
-    'diagnostics_period': Param(1.0, 'seconds between /diagnostics messages', True, 0.1, 60.0),
-    'log_period': Param(10.0, 'seconds between statistics log lines (0: never)', True,
-                        0.0, 3600.0),
+                       0.0, 1000.0, 'larger than min_range when both are set'),
+    'seed': Param(0, 'sampler seed; -1 draws a new one for every scan', False, -1, INT32_MAX),
+    'reliability': Param('auto', 'input QoS reliability: auto (reliable when every publisher '
+                         'on the topic is, else best effort; re-checked every second), '
+                         f'reliable or best_effort; {RESTART}',
+                         constraints=' | '.join(RELIABILITIES)),
+    'depth': Param(2, f'input QoS queue depth; {RESTART} (the QoS of a subscription is fixed)',
+                   True, 1, 100),
+    'max_points': Param(pointcloud.MAX_POINTS, 'reject input clouds with more points', False,
+                        1, INT32_MAX),
+    'warmup': Param(True, 'complete a synthetic scan at start so the first real one is fast; '
+                    'read-only (it runs once, at start)'),
+    'diagnostics_period': Param(1.0, 'seconds between /diagnostics messages (wall clock, also '
+                                f'with use_sim_time); {RESTART} (timers are made at start)',
+                                True, 0.1, 60.0),
+    'log_period': Param(10.0, 'seconds between statistics log lines (0: never; wall clock); '
+                        f'{RESTART} (timers are made at start)', True, 0.0, 3600.0),
     'warn_period': Param(5.0, 'at most one warning per reject reason in this many seconds',
-                         True, 0.0, 3600.0),
+                         False, 0.0, 3600.0),
 }
 
 
@@ -73,6 +97,41 @@ def sampling_settings(parameters: dict[str, Any]) -> SamplingSettings:
     """The sampling settings of the node's parameters (steps 0 / guidance -1: the model's own)."""
     return SamplingSettings.from_parameters(parameters['steps'], parameters['guidance'],
                                             parameters['refine'])
+
+
+def choose_reliability(setting: str, publishers: Sequence[str],
+                       current: str | None = None) -> tuple[str, str]:
+    """The input reliability to use and why, from the `reliability` parameter and the
+    reliability ('reliable' or 'best_effort') of every publisher found on the topic.
+
+    `auto` follows the publishers as `ros2 bag record` does: reliable when every one is reliable
+    (nothing lost in transport; a reliable subscription never matches a best-effort publisher),
+    best effort when any is best effort (it matches both). With no publisher it keeps `current`,
+    or starts best effort, which connects to whatever appears.
+    """
+    if setting != 'auto':
+        return setting, 'parameter reliability'
+    if not publishers:
+        if current is not None:
+            return current, 'no publisher at the moment; kept'
+        return 'best_effort', 'no publisher yet; re-checked every second'
+    best_effort = sum(p != 'reliable' for p in publishers)
+    if not best_effort:
+        return 'reliable', f'auto: {len(publishers)} reliable publisher(s)'
+    return 'best_effort', (f'auto: {best_effort} of {len(publishers)} publisher(s) best effort'
+                           + ('; the reliable ones are then received best effort'
+                              if best_effort < len(publishers) else ''))
+
+
+def output_share(points: int, config: Any, refine: bool) -> float | None:
+    """The share of the model's diffused points that survived its post-processing crop
+    (points outside max_range or the scan's height band are removed), or None without a config.
+    """
+    full = getattr(config, 'full_points', None)
+    if not full:
+        return None
+    up = int(getattr(config, 'refine_up_factor', 1) or 1) if refine else 1
+    return points / (full * up)
 
 
 class LatestSlot:
@@ -114,14 +173,14 @@ class RateLimitedWarnings:
 
     def __init__(self, log: Callable[[str], Any], period: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._log, self._period, self._clock = log, period, clock
+        self._log, self.period, self._clock = log, period, clock  # period may change
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
     def warn(self, key: str, text: str) -> bool:
         now = self._clock()
         last = self._last.get(key)
-        if last is not None and now - last < self._period:
+        if last is not None and now - last < self.period:
             self._suppressed[key] += 1
             return False
         extra = self._suppressed.pop(key, 0)
@@ -139,6 +198,9 @@ class Stats:
     completed: int = 0
     dropped: int = 0
     failed: int = 0
+    cancelled: int = 0  # completions stopped by shutdown
+    output_points: int = 0  # of the last completion, before the `points` cap
+    output_share: float | None = None  # of the model's diffused points, last completion
     rejected: Counter[str] = field(default_factory=Counter)
     latency: deque[float] = field(default_factory=deque)  # receive -> publish
     model: deque[float] = field(default_factory=deque)  # inside complete()
@@ -164,8 +226,11 @@ class Stats:
             out: dict[str, Any] = {
                 'received': self.received, 'completed': self.completed,
                 'dropped': self.dropped, 'failed': self.failed,
+                'cancelled': self.cancelled, 'output_points': self.output_points,
                 'rejected': sum(self.rejected.values()),
                 'rejected_by_reason': dict(self.rejected)}
+            if self.output_share is not None:
+                out['output_share'] = round(self.output_share, 4)
             latency, model = np.array(self.latency), np.array(self.model)
             queued = np.array(self.queued)
         for name, values in (('latency', latency), ('model', model), ('queued', queued),

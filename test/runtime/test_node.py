@@ -26,22 +26,29 @@ from std_msgs.msg import Header  # noqa: E402
 from distdpo_ros import node as node_mod  # noqa: E402
 from distdpo_ros import node_support as support  # noqa: E402
 from distdpo_ros import pointcloud as pc  # noqa: E402
+from distdpo_ros.errors import Cancelled  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class EchoCompleter:
-    """Returns the scan tiled twice plus a small offset; records what it was asked."""
+    """Returns the scan tiled twice plus a small offset after `delay` seconds, spent in
+    `sampler_steps` steps with a `should_stop` check before each (as Completer does); records
+    what it was asked."""
 
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
+    def __init__(self, delay: float = 0.0, sampler_steps: int = 1) -> None:
+        self.delay, self.sampler_steps = delay, sampler_steps
         self.calls: list[dict] = []
 
-    def complete(self, points, steps=None, guidance=None, refine=False, seed=None):
+    def complete(self, points, steps=None, guidance=None, refine=False, seed=None,
+                 should_stop=None):
         self.calls.append({'first': points[0].copy(), 'n': len(points), 'steps': steps,
                            'guidance': guidance, 'refine': refine, 'seed': seed,
-                           'start': time.perf_counter()})
-        time.sleep(self.delay)
+                           'start': time.perf_counter(), 'cancellable': should_stop is not None})
+        for _ in range(self.sampler_steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled('stopped')
+            time.sleep(self.delay / self.sampler_steps)
         return np.concatenate([points, points + 0.05]).astype(np.float32)
 
 
@@ -55,7 +62,7 @@ def ros():
 class Harness:
     """The node under test plus a client node (publisher, recorder), spun in a thread."""
 
-    def __init__(self, completer, params=None, sub_reliable=False) -> None:
+    def __init__(self, completer, params=None) -> None:
         overrides = [Parameter(k, value=v) for k, v in (params or {}).items()]
         self.node = node_mod.CompletionNode(completer, parameter_overrides=overrides)
         self.client = rclpy.create_node('test_client')
@@ -80,6 +87,8 @@ class Harness:
         deadline = time.time() + 10
         while self.pub.get_subscription_count() < 1 and time.time() < deadline:
             time.sleep(0.02)
+        # reliability auto: the node switches to reliable once it has seen our publisher
+        assert self.wait(lambda: self.node.input_reliability == 'reliable', 5)
 
     def wait(self, condition, timeout=10.0) -> bool:
         deadline = time.time() + timeout
@@ -290,7 +299,7 @@ def test_a_failing_model_does_not_stop_the_next_scan(harness):
 
 
 def test_invalid_static_parameters_fail_at_start_with_a_clear_message(ros):
-    with pytest.raises(pc.UserError, match='"reliability" must be best_effort or reliable'):
+    with pytest.raises(pc.UserError, match='"reliability" must be auto, reliable, best_effort'):
         node_mod.CompletionNode(EchoCompleter(),
                                 parameter_overrides=[Parameter('reliability', value='fast')])
     with pytest.raises(pc.UserError, match='"device" must be auto, cpu or cuda'):
@@ -332,6 +341,126 @@ def test_latest_slot_keeps_only_the_newest_item():
     assert slot.take(0.05) is None
     slot.close()
     assert slot.take() is None
+
+
+def test_choose_reliability_follows_the_publishers_like_ros2_bag():
+    choose = support.choose_reliability
+    assert choose('auto', [])[0] == 'best_effort'  # nothing yet: match whatever appears
+    assert choose('auto', ['reliable', 'reliable'])[0] == 'reliable'
+    assert choose('auto', ['reliable', 'best_effort'])[0] == 'best_effort'
+    assert choose('auto', ['best_effort'])[0] == 'best_effort'
+    assert choose('auto', [], current='reliable')[0] == 'reliable'  # a driver restarting
+    assert choose('reliable', ['best_effort']) == ('reliable', 'parameter reliability')
+    assert choose('best_effort', ['reliable'])[0] == 'best_effort'
+
+
+def test_reliability_auto_switches_with_the_publishers_and_logs_it(harness, capfd):
+    h = harness(EchoCompleter(), {'warmup': False})  # waits until it chose reliable
+    sensor_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+    best_effort = h.client.create_publisher(PointCloud2, support.INPUT_TOPIC, sensor_qos)
+    assert h.wait(lambda: h.node.input_reliability == 'best_effort', 5)
+    assert h.wait(lambda: best_effort.get_subscription_count() == 1, 5)
+    best_effort.publish(velodyne_cloud(synthetic_scan(n=500), 11))
+    assert h.wait(lambda: h.outputs), 'nothing received from the best-effort publisher'
+    h.client.destroy_publisher(best_effort)
+    assert h.wait(lambda: h.node.input_reliability == 'reliable', 5)
+    err = capfd.readouterr().err
+    assert 'input QoS on /velodyne_points: reliable, depth 2 (auto: 1 reliable publisher' in err
+    assert 'input QoS on /velodyne_points: best_effort, depth 2 (auto: 1 of 2 publisher' in err
+
+
+def test_default_node_receives_every_full_size_cloud_of_a_reliable_10hz_publisher(harness):
+    """20 Velodyne-size clouds (2.6 MB) at 10 Hz from a reliable publisher, the model slower
+    than the input: every cloud arrives (newest wins in the node, nothing lost in transport)."""
+    h = harness(EchoCompleter(delay=0.25), {'warmup': False})
+    rng = np.random.default_rng(0)
+    xyz = (rng.normal(size=(120_000, 3)) * [15, 15, 1]).astype(np.float32)
+    for i in range(20):
+        h.pub.publish(velodyne_cloud(xyz, 100 + i))
+        time.sleep(0.1)
+    assert h.wait(lambda: any(m.header.stamp.sec == 119 for _, m in h.outputs), 10), \
+        f'the newest cloud was not completed: {h.node.stats.summary()}'
+    stats = h.node.stats.summary()
+    assert stats['received'] == 20, stats
+    assert stats['completed'] + stats['dropped'] == 20 and stats['rejected'] == 0, stats
+
+
+def test_stop_cancels_a_running_completion_before_its_next_step(harness):
+    completer = EchoCompleter(delay=30.0, sampler_steps=300)  # 0.1 s steps
+    h = harness(completer, {'warmup': False})
+    h.pub.publish(velodyne_cloud(synthetic_scan(), 1))
+    assert h.wait(lambda: completer.calls and h.node.busy)
+    time.sleep(0.3)
+    started = time.perf_counter()
+    assert h.node.stop(timeout=5)
+    assert time.perf_counter() - started < 1.0  # one 0.1 s step, with room for a loaded CPU
+    assert completer.calls[0]['cancellable'] and h.node.stats.cancelled == 1
+    assert not h.outputs and h.node.stats.failed == 0
+
+
+def test_diagnostics_go_on_without_clock_and_name_the_device_in_use(harness):
+    class OnCpu(EchoCompleter):
+        device = 'cpu'
+
+    h = harness(OnCpu(), {'use_sim_time': True, 'diagnostics_period': 0.2, 'warmup': False})
+    assert h.node.get_clock().now().nanoseconds == 0  # simulated time, and no /clock
+    assert h.wait(lambda: len(ours(h.diagnostics)) >= 5, 5), 'diagnostics stopped without /clock'
+    status = ours(h.diagnostics)[-1]
+    assert h.node.get_parameter('device').value == 'auto' and status.hardware_id == 'cpu'
+    values = {kv.key: kv.value for kv in status.values}
+    assert values['input_reliability'] == 'reliable'
+
+
+def ours(diagnostics) -> list:
+    return [s for a in diagnostics for s in a.status if s.name.startswith(support.NODE_NAME)]
+
+
+def test_every_parameter_changes_at_run_time_or_is_read_only_with_a_reason(harness):
+    from distdpo_ros.config import preset
+
+    class WithModel(EchoCompleter):
+        config = preset('tiny', 'student')
+        has_refine = True
+
+    completer = WithModel()
+    h = harness(completer, {'warmup': False})
+    new_values = {'steps': 3, 'guidance': 2.5, 'refine': True, 'points': 500, 'min_range': 1.0,
+                  'max_range': 60.0, 'seed': 9, 'max_points': 100_000, 'warn_period': 1.0}
+    for name, spec in support.PARAMETERS.items():
+        if spec.read_only:
+            result = h.node.set_parameters([Parameter(name, value=spec.default)])[0]
+            assert not result.successful, name
+            assert 'read-only' in h.node.describe_parameter(name).description, name
+        else:
+            assert h.node.set_parameters([Parameter(name, value=new_values[name])])[0].successful
+            assert h.node.get_parameter(name).value == new_values[name]
+    assert set(new_values) == {n for n, p in support.PARAMETERS.items() if not p.read_only}
+    # steps: the range is the model's sampler's, and the edges are what SamplingSettings says
+    top = WithModel.config.num_train_timesteps - 1
+    assert h.node.describe_parameter('steps').integer_range[0].to_value == top
+    assert h.node.set_parameters([Parameter('steps', value=top)])[0].successful
+    assert not h.node.set_parameters([Parameter('steps', value=top + 1)])[0].successful
+    h.pub.publish(velodyne_cloud(synthetic_scan(n=3000), 4))
+    assert h.wait(lambda: h.outputs)
+    call = completer.calls[-1]
+    assert (call['steps'], call['guidance'], call['refine'], call['seed']) == (top, 2.5, True, 9)
+    assert h.outputs[-1][1].width == 500
+
+
+def test_a_mostly_cropped_output_is_reported_with_its_share(harness, capfd):
+    from distdpo_ros.config import preset
+
+    class WithModel(EchoCompleter):
+        config = preset('tiny', 'student')  # 800 diffused points
+
+    h = harness(WithModel(), {'warmup': False, 'steps': 2})
+    h.pub.publish(velodyne_cloud(synthetic_scan(n=100), 4))  # echoed as 200 points
+    assert h.wait(lambda: h.outputs)
+    stats = h.node.stats.summary()
+    assert stats['output_points'] == 200 and stats['output_share'] == 0.25
+    assert 'the model kept 25% of its diffused points' in capfd.readouterr().err
+    assert h.wait(lambda: any(kv.key == 'output_share' and kv.value == '0.25'
+                              for s in ours(h.diagnostics) for kv in s.values), 3)
 
 
 def test_config_yaml_matches_the_declared_parameters():
@@ -423,3 +552,76 @@ def test_console_script_reports_a_missing_model_in_one_line(tmp_path):
     assert 'Traceback' not in result.stderr
     errors = [line for line in result.stderr.splitlines() if 'error' in line]
     assert len(errors) == 1 and 'none' in errors[0], result.stderr
+
+
+class NodeProcess:
+    """`completion_node` in its own process, its output lines collected as they come."""
+
+    def __init__(self, *params: str) -> None:
+        script = Path(sys.executable).with_name('completion_node')
+        args = [str(script), '--ros-args']
+        for param in params:
+            args += ['-p', param]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=dict(os.environ))
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        return _wait_for(lambda: any(text in line for line in self.lines)
+                         or self.proc.poll() is not None, timeout) and self.proc.poll() is None
+
+    def signal_and_time_exit(self, signum: int) -> float:
+        started = time.perf_counter()
+        self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        elapsed = time.perf_counter() - started
+        self._reader.join(timeout=5)
+        return elapsed
+
+    @property
+    def output(self) -> str:
+        return ''.join(self.lines)
+
+
+def test_sigint_or_sigterm_end_a_busy_node_process_within_about_one_sampler_step(
+        ros, tiny_model_dir):
+    """A completion and a warm-up of 200 sampler steps (about 0.2 s each here, 30 s or more in
+    all) are cancelled by a signal: the process ends within seconds (one step, then rclpy's and
+    Python's own exit), with exit code 0 and no traceback."""
+    common = [f'model:={tiny_model_dir}', 'device:=cpu', 'steps:=200', 'log_period:=0.0']
+    warming = NodeProcess(*common, 'warmup:=true')
+    try:
+        assert warming.wait_for('input QoS', 60), warming.output
+        time.sleep(1.0)  # well inside the warm-up
+        elapsed = warming.signal_and_time_exit(signal.SIGTERM)
+    finally:
+        if warming.proc.poll() is None:
+            warming.proc.kill()
+    assert 'warm-up cancelled' in warming.output, warming.output
+    assert warming.proc.returncode == 0 and 'Traceback' not in warming.output, warming.output
+    assert elapsed < 8.0, f'{elapsed:.1f} s after SIGTERM during the warm-up'
+
+    busy = NodeProcess(*common, 'warmup:=false', 'reliability:=reliable')
+    client = rclpy.create_node('signal_test_client')
+    try:
+        pub = client.create_publisher(PointCloud2, support.INPUT_TOPIC,
+                                      QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+        assert busy.wait_for('input QoS', 60), busy.output
+        assert _wait_for(lambda: pub.get_subscription_count() > 0, 30), busy.output
+        pub.publish(velodyne_cloud(synthetic_scan(n=20_000), 3))
+        time.sleep(2.0)  # the completion has started (it takes 30 s or more)
+        elapsed = busy.signal_and_time_exit(signal.SIGINT)
+    finally:
+        if busy.proc.poll() is None:
+            busy.proc.kill()
+        client.destroy_node()
+    assert 'completion cancelled' in busy.output, busy.output
+    assert busy.proc.returncode == 0 and 'Traceback' not in busy.output, busy.output
+    assert elapsed < 8.0, f'{elapsed:.1f} s after SIGINT during a completion'
