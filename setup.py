@@ -49,7 +49,8 @@ setup(
         ],
         # Offline work: simulator, bags, evaluation pictures, training logs.
         'train': ['open3d-cpu>=0.18', 'rosbags>=0.10', 'matplotlib>=3.7', 'tensorboard>=2.14'],
-        'test': ['pytest>=8,<9', 'diffusers>=0.27', 'ruff>=0.6'],
+        # colcon: the test that builds the package in a workspace (it skips without colcon)
+        'test': ['pytest>=8,<9', 'diffusers>=0.27', 'ruff>=0.6', 'colcon-common-extensions'],
     },
     zip_safe=False,
     entry_points={

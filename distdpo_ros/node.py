@@ -24,8 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,7 @@ from distdpo_ros.node_support import (
     Param,
     RateLimitedWarnings,
     Stats,
+    check_runtime_dependencies,
     choose_reliability,
     output_share,
     sampling_settings,
@@ -226,7 +226,7 @@ class CompletionNode(Node):
         return (settings if config is None else settings.resolved(config, True)).describe()
 
     def _load_completer(self) -> CompleterLike:
-        _check_runtime_dependencies()
+        check_runtime_dependencies()
         from distdpo_ros.completion import Completer
 
         started = time.perf_counter()
@@ -454,53 +454,38 @@ class CompletionNode(Node):
         super().destroy_node()
 
 
-def _check_runtime_dependencies() -> None:
-    """One clear line where a ROS install left out what rosdep cannot provide (README)."""
-    from importlib import metadata
+class _StopSignals:
+    """SIGINT and SIGTERM for the console script: the first ends the spin (KeyboardInterrupt in
+    the main thread; installed before rclpy.init, rclpy's own handler wakes the executor and
+    then calls this one), later ones are only noted, so that a second signal (ros2 launch sends
+    its own after the terminal's Ctrl-C) cannot interrupt the clean-up with a traceback."""
 
-    problems = []
-    try:
-        version = metadata.version('torch')
-        if tuple(int(part) for part in version.split('+')[0].split('.')[:2]) < (2, 1):
-            problems.append(f'torch {version} is older than 2.1')
-    except metadata.PackageNotFoundError:
-        problems.append('torch is not installed')
-    except ValueError:  # an unusual version string: let the import decide
-        pass
-    try:
-        metadata.version('safetensors')
-    except metadata.PackageNotFoundError:
-        problems.append('safetensors is not installed')
-    if problems:
-        raise UserError('; '.join(problems) + ': python3 -m pip install "torch>=2.1" '
-                        '"safetensors>=0.4" (README, "The package in a ROS 2 workspace")')
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
-@contextmanager
-def _signals_noted() -> Iterator[None]:
-    """While shutting down, a further SIGINT/SIGTERM (ros2 launch sends its own after the
-    terminal's Ctrl-C) is noted instead of raising KeyboardInterrupt inside the clean-up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def note(signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received += 1
+        if self.received == 1:
+            raise KeyboardInterrupt
         print(f'completion_node: {signal.Signals(signum).name}: already stopping',
               file=sys.stderr, flush=True)
 
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def ignore_from_now_on(self) -> None:
+        """At exit: a late signal must not kill the finishing interpreter (exit code -2)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def main(args: list[str] | None = None) -> int:
     """Console script `completion_node`: spin the node until Ctrl-C, SIGTERM or shutdown."""
-    rclpy.init(args=args)
+    signals = _StopSignals()
     node = None
     code = 0
     try:
+        rclpy.init(args=args)
         node = CompletionNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -509,14 +494,16 @@ def main(args: list[str] | None = None) -> int:
         print(f'completion_node: error: {exc}', file=sys.stderr)
         code = 2
     except Exception:
-        if rclpy.ok():
+        if signals.received == 0 and rclpy.ok():
             raise
         # A signal shut the context down while the node was starting: nothing to report.
     finally:
-        with _signals_noted():
+        try:
             if node is not None:
                 node.destroy_node()
             rclpy.try_shutdown()
+        finally:
+            signals.ignore_from_now_on()
     return code
 
 

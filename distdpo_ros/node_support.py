@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from distdpo_ros import pointcloud
+from distdpo_ros.errors import UserError
 from distdpo_ros.settings import SamplingSettings
 
 NODE_NAME = 'distdpo_completion'
@@ -91,6 +92,32 @@ PARAMETERS: dict[str, Param] = {
     'warn_period': Param(5.0, 'at most one warning per reject reason in this many seconds',
                          False, 0.0, 3600.0),
 }
+
+
+PIP_STEP = 'python3 -m pip install "torch>=2.1" "safetensors>=0.4"'
+
+
+def check_runtime_dependencies() -> None:
+    """UserError naming what a ROS install (rosdep) left out: safetensors has no rosdep key and
+    python3-torch may be older than 2.1 (Debian 12: 1.13). The README gives the same step."""
+    from importlib import metadata
+
+    problems = []
+    try:
+        version = metadata.version('torch')
+        if tuple(int(part) for part in version.split('+')[0].split('.')[:2]) < (2, 1):
+            problems.append(f'torch {version} is older than 2.1')
+    except metadata.PackageNotFoundError:
+        problems.append('torch is not installed')
+    except ValueError:  # an unusual version string: the import will tell
+        pass
+    try:
+        metadata.version('safetensors')
+    except metadata.PackageNotFoundError:
+        problems.append('safetensors is not installed')
+    if problems:
+        raise UserError('; '.join(problems) + f': {PIP_STEP} (README: "The package in a ROS 2 '
+                        'workspace")')
 
 
 def sampling_settings(parameters: dict[str, Any]) -> SamplingSettings:
