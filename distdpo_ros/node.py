@@ -58,6 +58,7 @@ from distdpo_ros.node_support import (
     Stats,
     check_runtime_dependencies,
     choose_reliability,
+    max_steps,
     output_share,
     sampling_settings,
     warmup_scan,
@@ -209,9 +210,9 @@ class CompletionNode(Node):
 
     def _narrow_steps_range(self) -> None:
         """Limit the `steps` range to what the loaded model's sampler accepts."""
-        timesteps = getattr(getattr(self._completer, 'config', None), 'num_train_timesteps', None)
-        if timesteps:
-            descriptor = _descriptor('steps', PARAMETERS['steps'], high=int(timesteps) - 1)
+        config = getattr(self._completer, 'config', None)
+        if config is not None:
+            descriptor = _descriptor('steps', PARAMETERS['steps'], high=max_steps(config))
             descriptor.type = self.describe_parameter('steps').type
             self.set_descriptor('steps', descriptor)
 

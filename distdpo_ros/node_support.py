@@ -61,8 +61,8 @@ PARAMETERS: dict[str, Param] = {
     'device': Param('auto', 'auto (cuda when available), cpu or cuda[:N]; '
                     f'{RESTART} (the model is loaded once, at start)'),
     'steps': Param(0, "sampler steps per scan; 0: the model's own", False, 0, 999,
-                   "0, or a number of steps the model's sampler accepts (1 to its "
-                   'num_train_timesteps - 1)'),
+                   "0, or 1 up to the most the model's sampler takes (num_train_timesteps - 1, "
+                   'or t_start for a variance-exploding sampler; the loaded model\'s)'),
     'guidance': Param(-1.0, "classifier-free guidance weight; -1: the model's own", False,
                       constraints='-1, or a finite number >= 0'),
     'refine': Param(False, 'run the x6 refinement network after sampling (a model with '
@@ -124,6 +124,26 @@ def sampling_settings(parameters: dict[str, Any]) -> SamplingSettings:
     """The sampling settings of the node's parameters (steps 0 / guidance -1: the model's own)."""
     return SamplingSettings.from_parameters(parameters['steps'], parameters['guidance'],
                                             parameters['refine'])
+
+
+def max_steps(config: Any) -> int:
+    """The largest `steps` that SamplingSettings.resolved accepts for the model `config` (its
+    sampler's range: below num_train_timesteps, at most t_start for the variance-exploding ones);
+    every number from 1 up to it is accepted."""
+    def accepted(steps: int) -> bool:
+        try:
+            SamplingSettings(steps).resolved(config)
+        except UserError:
+            return False
+        return True
+
+    low, high = 1, int(config.num_train_timesteps) - 1
+    if not accepted(low):
+        return 0
+    while low < high:  # the accepted steps are 1..max: bisect for max
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if accepted(middle) else (low, middle - 1)
+    return low
 
 
 def choose_reliability(setting: str, publishers: Sequence[str],

@@ -437,6 +437,7 @@ def test_every_parameter_changes_at_run_time_or_is_read_only_with_a_reason(harne
     assert set(new_values) == {n for n, p in support.PARAMETERS.items() if not p.read_only}
     # steps: the range is the model's sampler's, and the edges are what SamplingSettings says
     top = WithModel.config.num_train_timesteps - 1
+    assert support.max_steps(WithModel.config) == top
     assert h.node.describe_parameter('steps').integer_range[0].to_value == top
     assert h.node.set_parameters([Parameter('steps', value=top)])[0].successful
     assert not h.node.set_parameters([Parameter('steps', value=top + 1)])[0].successful
@@ -461,6 +462,21 @@ def test_a_mostly_cropped_output_is_reported_with_its_share(harness, capfd):
     assert 'the model kept 25% of its diffused points' in capfd.readouterr().err
     assert h.wait(lambda: any(kv.key == 'output_share' and kv.value == '0.25'
                               for s in ours(h.diagnostics) for kv in s.values), 3)
+
+
+def test_max_steps_is_the_edge_of_what_the_sampler_accepts():
+    from distdpo_ros.config import preset
+    from distdpo_ros.errors import UserError
+    from distdpo_ros.settings import SamplingSettings
+
+    lidiff = preset('tiny', 'student')
+    ve = lidiff.replace(sampler='ve-ddim', t_start=200)
+    for config, expected in ((lidiff, lidiff.num_train_timesteps - 1), (ve, 200)):
+        top = support.max_steps(config)
+        assert top == expected
+        assert SamplingSettings(top).resolved(config).steps == top
+        with pytest.raises(UserError):
+            SamplingSettings(top + 1).resolved(config)
 
 
 def test_config_yaml_matches_the_declared_parameters():
