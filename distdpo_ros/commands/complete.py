@@ -9,6 +9,7 @@ from pathlib import Path
 
 from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
+from distdpo_ros.node_support import output_share
 from distdpo_ros.pointio import SUFFIXES, check_output_file, read_points, write_points
 from distdpo_ros.settings import SamplingSettings
 
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     completed = completer.complete(points, seed=None if args.seed < 0 else args.seed,
                                    progress=True, **settings.arguments())
-    _say(f'completed {args.input.name} with {settings.describe()}: {len(completed)} points in '
+    share = output_share(len(completed), config, settings.refine)
+    _say(f'completed {args.input.name} with {settings.describe()}: {len(completed)} points '
+         f'({share:.0%} of the diffused points are inside the scene) in '
          f'{time.perf_counter() - started:.2f} s')
     if len(completed) == 0:
         raise UserError(f'{args.input}: the completion is empty (no point of the sample lies '
