@@ -127,10 +127,10 @@ class CompletionNode(Node):
                                              self._settings['warn_period'])
         self._completer = completer if completer is not None else self._load_completer()
         self._cancellable = _accepts(self._completer.complete, 'should_stop')
-        self._narrow_steps_range()
         problem = self._check_dynamic(self._settings) or self._check_refine(self._settings)
         if problem:
             raise UserError(problem)
+        self._narrow_steps_range()  # after the check: the current value lies inside
 
         # Reports run on the steady clock: with use_sim_time they go on after /clock stops.
         steady = Clock(clock_type=ClockType.STEADY_TIME)

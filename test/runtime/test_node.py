@@ -306,6 +306,14 @@ def test_invalid_static_parameters_fail_at_start_with_a_clear_message(ros):
         node_mod.CompletionNode(EchoCompleter(),
                                 parameter_overrides=[Parameter('device', value='tpu')])
 
+    from distdpo_ros.config import preset
+
+    class VeModel(EchoCompleter):  # a variance-exploding sampler from t = 200
+        config = preset('tiny', 'student').replace(sampler='ve-ddim', t_start=200)
+
+    with pytest.raises(pc.UserError, match=r'steps must lie in \[1, 200\]'):
+        node_mod.CompletionNode(VeModel(), parameter_overrides=[Parameter('steps', value=500)])
+
 
 def test_refine_needs_a_model_with_refinement_weights(ros):
     class NoRefine(EchoCompleter):
