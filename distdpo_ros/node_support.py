@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from distdpo_ros import pointcloud
+from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
 from distdpo_ros.settings import SamplingSettings
 
@@ -67,6 +68,8 @@ PARAMETERS: dict[str, Param] = {
                       constraints='-1, or a finite number >= 0'),
     'refine': Param(False, 'run the x6 refinement network after sampling (a model with '
                     'refinement weights)', False),
+    'sampler': Param('', "sampler; empty: the model's own", False,
+                     constraints="'', or " + ' | '.join(SAMPLERS)),
     'points': Param(0, 'publish at most this many points, a seeded random subset (0: all)',
                     False, 0, INT32_MAX),
     'min_range': Param(0.0, 'drop input points closer than this [m] (0: keep)', False,
@@ -121,9 +124,10 @@ def check_runtime_dependencies() -> None:
 
 
 def sampling_settings(parameters: dict[str, Any]) -> SamplingSettings:
-    """The sampling settings of the node's parameters (steps 0 / guidance -1: the model's own)."""
+    """The sampling settings of the node's parameters (steps 0 / guidance -1 / sampler '': the
+    model's own)."""
     return SamplingSettings.from_parameters(parameters['steps'], parameters['guidance'],
-                                            parameters['refine'])
+                                            parameters['refine'], parameters['sampler'] or None)
 
 
 def max_steps(config: Any) -> int:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from distdpo_ros.config import ModelConfig
+from distdpo_ros.config import SAMPLERS, ModelConfig
 from distdpo_ros.errors import UserError
 
 MODEL_STEPS = 0  # "the model's own" where steps must be a number
@@ -45,6 +45,9 @@ class SamplingSettings:
         if guidance != MODEL_GUIDANCE and not (math.isfinite(guidance) and guidance >= 0):
             raise UserError(f'guidance must be a finite number >= 0, or {MODEL_GUIDANCE:g} for '
                             f"the model's own; got {guidance!r}")
+        if sampler and sampler not in SAMPLERS:
+            raise UserError(f'unknown sampler {sampler!r}; choose one of {", ".join(SAMPLERS)}, '
+                            "or none for the model's own")
         return cls(steps=int(steps) or None,
                    guidance=None if guidance == MODEL_GUIDANCE else guidance,
                    refine=bool(refine), sampler=sampler or None)

@@ -41,9 +41,10 @@ class EchoCompleter:
         self.calls: list[dict] = []
 
     def complete(self, points, steps=None, guidance=None, refine=False, seed=None,
-                 should_stop=None):
+                 should_stop=None, sampler=None):
         self.calls.append({'first': points[0].copy(), 'n': len(points), 'steps': steps,
                            'guidance': guidance, 'refine': refine, 'seed': seed,
+                           'sampler': sampler,
                            'start': time.perf_counter(), 'cancellable': should_stop is not None})
         for _ in range(self.sampler_steps):
             if should_stop is not None and should_stop():
@@ -259,6 +260,7 @@ def test_steps_and_guidance_change_at_run_time_and_bad_values_are_refused(harnes
         'steps=-1': [Parameter('steps', value=-1)],
         'guidance=nan': [Parameter('guidance', value=math.nan)],
         'guidance=-0.5': [Parameter('guidance', value=-0.5)],
+        'sampler=euler': [Parameter('sampler', value='euler')],
         'model read-only': [Parameter('model', value='other')],
         'min >= max range': [Parameter('min_range', value=50.0),
                              Parameter('max_range', value=40.0)],
@@ -274,6 +276,12 @@ def test_steps_and_guidance_change_at_run_time_and_bad_values_are_refused(harnes
     h.pub.publish(velodyne_cloud(synthetic_scan(), 6))
     assert h.wait(lambda: len(h.outputs) == 2)
     assert (completer.calls[-1]['steps'], completer.calls[-1]['guidance']) == (None, None)
+    assert completer.calls[-1]['sampler'] is None  # the model's own
+    assert all(r.successful for r in h.node.set_parameters([Parameter('sampler',
+                                                                      value='ve-ddim')]))
+    h.pub.publish(velodyne_cloud(synthetic_scan(), 7))
+    assert h.wait(lambda: len(h.outputs) == 3)
+    assert completer.calls[-1]['sampler'] == 've-ddim'
 
 
 def test_points_parameter_caps_the_published_cloud(harness):
@@ -433,7 +441,8 @@ def test_every_parameter_changes_at_run_time_or_is_read_only_with_a_reason(harne
     completer = WithModel()
     h = harness(completer, {'warmup': False})
     new_values = {'steps': 3, 'guidance': 2.5, 'refine': True, 'points': 500, 'min_range': 1.0,
-                  'max_range': 60.0, 'seed': 9, 'max_points': 100_000, 'warn_period': 1.0}
+                  'max_range': 60.0, 'seed': 9, 'max_points': 100_000, 'warn_period': 1.0,
+                  'sampler': 'ddpm'}
     for name, spec in support.PARAMETERS.items():
         if spec.read_only:
             result = h.node.set_parameters([Parameter(name, value=spec.default)])[0]
