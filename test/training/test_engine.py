@@ -157,6 +157,29 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(tmp_path: Path
     assert losses(out) == losses(tmp_path / 'full')
 
 
+def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves(tmp_path: Path
+                                                                         ) -> None:
+    """`kill` of the group (a launcher's shutdown, Ctrl-C in a terminal) reaches the data-loading
+    workers too; they leave the signal to the trainer, which saves its state and exits."""
+    out = tmp_path / 'group'
+    env = dict(os.environ, TOY_STEP_SECONDS='0.3', TOY_WORKERS='1')
+    proc = subprocess.Popen([sys.executable, __file__, str(out), '40'], env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / 'log.jsonl').exists() or \
+            len(read_log(out / 'log.jsonl')) < 3:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail('the trainer did not stop after SIGTERM to its group')
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert 'Traceback' not in err and 'continue with --resume' in err
+    assert 3 <= load_state(out / 'state' / 'last.safetensors')['step'] < 40
+
+
 def test_corrupt_or_truncated_state_is_refused_and_previous_kept(tmp_path: Path) -> None:
     train(tmp_path, 10)  # checkpoints at 5 and 10
     last = tmp_path / 'state' / 'last.safetensors'
@@ -257,4 +280,5 @@ def test_torchrun_sigterm_stops_all_ranks_at_one_step_and_resumes(tmp_path: Path
 
 if __name__ == '__main__':
     sys.exit(train(Path(sys.argv[1]), int(sys.argv[2]),
-                   resume=sys.argv[3] if len(sys.argv) > 3 else None))
+                   resume=sys.argv[3] if len(sys.argv) > 3 else None,
+                   num_workers=int(os.environ.get('TOY_WORKERS', '0'))))

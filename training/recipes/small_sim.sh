@@ -6,14 +6,15 @@
 #   ../shared/data is there) -> Fig.-1 render of a real scan -> package the default models.
 # Usage: training/recipes/small_sim.sh [RUN_DIR]   (default: runs/small_sim)
 # Budgets (steps) are environment variables; the defaults fit about 2.5 hours on an idle 2-core
-# CPU. Interrupt it at any time and run it again: finished stages are skipped, training resumes.
+# CPU (one data-loading worker prepares the next batch while the two cores train).
+# Interrupt it at any time and run it again: finished stages are skipped, training resumes.
 set -euo pipefail
 RUN=${1:-runs/small_sim}
 DATA=${DATA:-$RUN/data}
 SEED=${SEED:-0}
-TEACHER_STEPS=${TEACHER_STEPS:-3000}
-REFINE_STEPS=${REFINE_STEPS:-800}
-DISTILL_STEPS=${DISTILL_STEPS:-300}
+TEACHER_STEPS=${TEACHER_STEPS:-2400}
+REFINE_STEPS=${REFINE_STEPS:-600}
+DISTILL_STEPS=${DISTILL_STEPS:-200}
 EVAL_SCANS=${EVAL_SCANS:-10}
 VARIANTS=${VARIANTS:-score}            # add released,lambda_1.05,lambda_1.2,jsd,reversed,...
 SHIP=${SHIP:-0}                        # 1: copy the result into distdpo_ros/default_models
@@ -37,13 +38,14 @@ $DISTDPO build-maps "$DATA"
 stage "3/8 teacher ($TEACHER_STEPS steps)"
 $DISTDPO train teacher --config teacher_small --data "$DATA" --out "$RUN/teacher" \
   --max-steps "$TEACHER_STEPS" --seed "$SEED" $(resume_flag "$RUN/teacher") \
-  --set train.val_every=500 --set train.val_scans=3
+  --set train.val_every=500 --set train.val_scans=3 --set train.num_workers=1
 
 stage "4/8 refinement net ($REFINE_STEPS steps), exported together with the teacher"
 # The teacher at the end of its budget: 3 validation scans are too few to pick a checkpoint by.
 $DISTDPO train refine --config refine_small --data "$DATA" --out "$RUN/refine" \
   --teacher "$RUN/teacher/model/last" --max-steps "$REFINE_STEPS" --seed "$SEED" \
-  $(resume_flag "$RUN/refine") --set train.val_every=400 --set train.val_at_start=false
+  $(resume_flag "$RUN/refine") --set train.val_every=400 --set train.val_at_start=false \
+  --set train.num_workers=1
 
 stage "5/8 distillation + baselines ($DISTILL_STEPS steps each), evaluated on held-out 04"
 $DISTDPO ablate distill --teacher "$TEACHER" --data "$DATA" --out "$RUN/ablate" \

@@ -253,7 +253,8 @@ class Engine:
         loader = DataLoader(SeededItems(train_set, cfg.seed), batch_size=sampler.local_batch,
                             sampler=sampler, collate_fn=indexed_collate(collate),
                             num_workers=workers, pin_memory=self.device.type == 'cuda',
-                            drop_last=True, persistent_workers=False)
+                            drop_last=True, persistent_workers=False,
+                            worker_init_fn=_leave_signals_to_the_trainer if workers else None)
         task.setup(self)
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -549,6 +550,14 @@ _STATE_LAYOUT: dict[str, tuple[tuple[type, ...], int | None]] = {  # key: (types
     'world_size': ((int,), 1), 'config': ((dict,), None), 'modules': ((dict,), None),
     'optimizers': ((dict,), None), 'schedulers': ((dict,), None), 'rng': ((list,), None),
 }
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Data-loading workers ignore SIGINT and SIGTERM: Ctrl-C in a terminal, `kill` of the
+    process group or a launcher's shutdown reach every process, and a worker that died first
+    would abort the trainer before it saves its state; the trainer stops them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _keep_previous(last: Path, previous: Path) -> None:
