@@ -129,7 +129,8 @@ def fixed_size(points: np.ndarray, count: int, rng: np.random.Generator) -> np.n
     return np.ascontiguousarray(points[order[np.arange(count) % len(points)]])
 
 
-def _resolve_sequences(root: str | os.PathLike, split: str | Sequence[str]) -> list[Path]:
+def split_sequences(root: str | os.PathLike, split: str | Sequence[str]) -> list[Path]:
+    """The sequence folders of a split ('train' / 'val') or of a list of sequence names."""
     if isinstance(split, str):
         if split not in SPLITS:
             raise UserError(f'unknown split {split!r}: use {" / ".join(SPLITS)} or a list of '
@@ -155,7 +156,7 @@ class CompletionDataset(torch.utils.data.Dataset):
         if stride < 1:
             raise UserError(f'stride must be >= 1, got {stride}')
         self.config, self.augment, self.seed, self.epoch = config, augment, seed, 0
-        self.sequences = [KittiSequence(p) for p in _resolve_sequences(root, split)]
+        self.sequences = [KittiSequence(p) for p in split_sequences(root, split)]
         for seq in self.sequences:
             if not seq.map_path.is_file():
                 raise UserError(f'{seq.map_path}: ground-truth map is missing; run '

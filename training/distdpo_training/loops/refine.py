@@ -41,9 +41,14 @@ from distdpo_ros.checkpoint import (
 from distdpo_ros.config import ModelConfig, require_same_networks
 from distdpo_ros.errors import UserError
 from distdpo_ros.models import RefineNet
-from distdpo_training.data.dataset import SPLITS, fixed_size, random_linear_map, to_scan_frame
+from distdpo_training.data.dataset import (
+    fixed_size,
+    random_linear_map,
+    split_sequences,
+    to_scan_frame,
+)
 from distdpo_training.data.frames import FIRST_MOVING_CLASS, semantic
-from distdpo_training.data.kitti import KittiSequence, find_sequences
+from distdpo_training.data.kitti import KittiSequence
 from distdpo_training.data.maps import voxel_keys
 from distdpo_training.engine import Engine, EngineConfig, ModelSpec
 from distdpo_training.loops.common import DataConfig, decay_period, lr_schedule
@@ -83,12 +88,7 @@ class RefineConfig:
 
 
 def _sequences(root: str | os.PathLike, split: str | Sequence[str]) -> list[KittiSequence]:
-    if isinstance(split, str):
-        if split not in SPLITS:
-            raise UserError(f'unknown split {split!r}: use {" / ".join(SPLITS)} or a list of '
-                            'sequence names')
-        split = SPLITS[split]
-    return [KittiSequence(p) for p in find_sequences(root, split)]
+    return [KittiSequence(p) for p in split_sequences(root, split)]
 
 
 class RefineDataset(Dataset):
