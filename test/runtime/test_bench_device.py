@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from distdpo_ros import pointcloud
-from distdpo_ros.commands import bench_device
-from distdpo_ros.commands.bench_device import message_types, velodyne_cloud
+from distdpo_ros.commands import bench_device, device_stages
+from distdpo_ros.commands.device_stages import message_types, velodyne_cloud
 
 REPO = Path(__file__).resolve().parents[2]
 ABSENT_ON_GPU_IMAGE = ('rclpy', 'rcl_interfaces', 'sensor_msgs', 'std_msgs', 'diagnostic_msgs',
@@ -160,7 +160,7 @@ def test_velodyne_cloud_round_trips_through_both_message_types() -> None:
     assert cloud['ring'].min() >= 0 and cloud['ring'].max() <= 63
     assert len(np.unique(cloud['ring'])) > 32  # spread over the beams
     extra = {'intensity': cloud['intensity'], 'ring': cloud['ring']}
-    kinds = [(bench_device._PointCloud2, bench_device._PointField, bench_device._Header())]
+    kinds = [(device_stages._PointCloud2, device_stages._PointField, device_stages._Header())]
     types = message_types()
     kinds.append(types[:3])
     for cloud_type, field_type, header in kinds:
@@ -177,6 +177,6 @@ def test_cuda_form_compares_devices(tmp_path: Path) -> None:  # pragma: no cover
     r, _ = _bench(tmp_path, '--device', 'cuda', '--scale', 'tiny', '--teacher-steps', '3',
                   '--student-steps', '1', '--train-scales', 'tiny', '--budget', '120')
     assert r['form'] == 'cuda' and r['stages']['host_syncs'] == 'done'
-    assert r['accuracy']['max_eps_cuda_vs_cpu'] <= bench_device.EPS_GOAL
+    assert r['accuracy']['max_eps_cuda_vs_cpu'] <= device_stages.EPS_GOAL
     assert r['host_syncs']['sampler_loop_8_steps_no_network']['count'] == 0
     assert all(v > 0 for v in r['peak_memory_bytes'].values())
