@@ -245,3 +245,18 @@ def test_a_second_evaluation_into_the_same_out_is_refused(dataset, tiny_model_di
     err = capsys.readouterr().err
     assert f'distdpo: error: --out {out}: in use by `distdpo evaluate` (pid {first.pid}' in err
     assert not (out / 'cache').exists()
+
+
+def test_a_sampler_for_every_model_is_its_own_cached_evaluation(dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / 'eval'
+    common = ['--model', str(tiny_model_dir), '--data', str(dataset), '--steps', '1',
+              '--limit', '1', '--out', str(out), '--device', 'cpu', '--renders', '0',
+              '--no-warmup', '--no-inputs']
+    assert _evaluate(*common) == 0
+    own = json.loads((out / 'results.json').read_text())[0]
+    assert _evaluate(*common, '--sampler', 've-ddim') == 0
+    other = json.loads((out / 'results.json').read_text())[0]
+    assert other['cd'] != own['cd']  # LiDiff's sampler (the tiny model's own) vs VE DDIM
+    assert len({p.parent for p in (out / 'cache').rglob('*.json')}) == 2  # one cache each
+    with pytest.raises(SystemExit):  # argparse refuses an unknown sampler name
+        _evaluate(*common, '--sampler', 'euler')

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from distdpo_ros.config import SAMPLERS
 from distdpo_ros.errors import UserError
 
 DAY_MINUTES = 24 * 60.0
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='auto, cpu, cuda or cuda:N (default: auto)')
     parser.add_argument('--guidance', type=float,
                         help='classifier-free guidance weight (default: each model\'s own)')
+    parser.add_argument('--sampler', choices=SAMPLERS,
+                        help="sampler of every model (default: each model's own, config field "
+                             "'sampler'; dpm-solver++ is LiDiff's)")
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of scan k is SEED + k, independent of sharding (default: 0)')
     parser.add_argument('--max-range', type=float,
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         sequences=args.sequences.split(',') if args.sequences else None, limit=args.limit,
         refine=args.refine, max_range=args.max_range, renders=args.renders, warmup=args.warmup,
         baselines=args.baselines,
-        settings=ev.Settings(guidance=args.guidance, seed=args.seed, emd_points=args.emd_points))
+        settings=ev.Settings(guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+                             emd_points=args.emd_points))
     group = distributed.setup(args.device, timeout_minutes=DAY_MINUTES)
     evaluation.device = str(group.device)
     try:

@@ -75,6 +75,7 @@ class Settings:
     """Everything besides the model that changes a cached number (hashed into the cache path)."""
 
     guidance: float | None = None
+    sampler: str | None = None  # None: each model's own
     seed: int = 0
     emd_points: int = metrics.EMD_POINTS
     voxel_sizes: tuple[float, ...] = metrics.IOU_VOXEL_SIZES

@@ -82,7 +82,7 @@ class _Models:
         return self.loaded[path]
 
 
-def _complete(completer: Any, scan: np.ndarray, steps: int, refine: bool, guidance: float | None,
+def _complete(completer: Any, scan: np.ndarray, steps: int, refine: bool, settings: Settings,
               seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
     """(raw completion, refined completion or None, seconds raw, seconds refine)."""
     import torch
@@ -90,7 +90,8 @@ def _complete(completer: Any, scan: np.ndarray, steps: int, refine: bool, guidan
     from distdpo_ros.completion import refine_points
 
     started = time.perf_counter()
-    raw = completer.complete(scan, steps=steps, guidance=guidance, seed=seed)
+    raw = completer.complete(scan, steps=steps, guidance=settings.guidance,
+                             sampler=settings.sampler, seed=seed)
     raw_seconds = time.perf_counter() - started
     if not refine:
         return raw, None, raw_seconds, 0.0
@@ -192,7 +193,8 @@ def _evaluate_baseline(ev: Evaluation, cache: ScanCache, run: Run, scan: ScanRef
 def _try_complete(completer: Any, points: np.ndarray, run: Run, settings: Settings,
                   seed: int) -> None:
     try:
-        completer.complete(points, steps=run.steps, guidance=settings.guidance, seed=seed)
+        completer.complete(points, steps=run.steps, guidance=settings.guidance,
+                           sampler=settings.sampler, seed=seed)
     except UserError:
         pass  # the scored call reports the problem for this scan
 
@@ -205,8 +207,7 @@ def _evaluate_pair(ev: Evaluation, cache: ScanCache, completer: Any, run: Run, s
             'points_input': int(len(points)), 'seed': seed}
     try:
         raw, refined, raw_seconds, refine_seconds = _complete(
-            completer, points, run.steps, any(r.refine for r in rows), ev.settings.guidance,
-            seed)
+            completer, points, run.steps, any(r.refine for r in rows), ev.settings, seed)
     except UserError as exc:  # a scan the model cannot take (too few valid points)
         for row in rows:
             cache.store(row, scan, {**base, 'failed': str(exc)})
