@@ -127,8 +127,9 @@ def test_loss_falls_and_resume_gives_the_same_losses(tmp_path: Path) -> None:
     assert (tmp_path / 'full' / 'state' / 'best.safetensors').is_file()
     best_info = json.loads((tmp_path / 'full' / 'model' / 'best' / 'info.json').read_text())
     assert best_info['best'] == min(r['mse'] for r in val if r['step'] > 0)  # trained only
-    png = plot_log(tmp_path / 'full' / 'log.jsonl', tmp_path / 'curve.png', val_key='mse')
+    png = plot_log(tmp_path / 'full' / 'log.jsonl', tmp_path / 'curve.png', val_keys=('mse',))
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'full' / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:

@@ -5,16 +5,16 @@
 #   input baselines on a held-out drive) -> the same models on real KITTI frames (when
 #   ../shared/data is there) -> Fig.-1 render of a real scan -> package the default models.
 # Usage: training/recipes/small_sim.sh [RUN_DIR]   (default: runs/small_sim)
-# Budgets (steps) are environment variables; the defaults fit about 2.5 hours on an idle 2-core
-# CPU (one data-loading worker prepares the next batch while the two cores train).
+# Budgets (steps) are environment variables; the defaults fit about 2 hours on a 2-core CPU shared
+# with nothing else (one data-loading worker prepares the next batch while the two cores train).
 # Interrupt it at any time and run it again: finished stages are skipped, training resumes.
 set -euo pipefail
 RUN=${1:-runs/small_sim}
 DATA=${DATA:-$RUN/data}
 SEED=${SEED:-0}
-TEACHER_STEPS=${TEACHER_STEPS:-2400}
-REFINE_STEPS=${REFINE_STEPS:-600}
-DISTILL_STEPS=${DISTILL_STEPS:-200}
+TEACHER_STEPS=${TEACHER_STEPS:-1500}
+REFINE_STEPS=${REFINE_STEPS:-400}
+DISTILL_STEPS=${DISTILL_STEPS:-100}
 EVAL_SCANS=${EVAL_SCANS:-10}
 VARIANTS=${VARIANTS:-score}            # add released,lambda_1.05,lambda_1.2,jsd,reversed,...
 SHIP=${SHIP:-0}                        # 1: copy the result into distdpo_ros/default_models
@@ -101,6 +101,16 @@ for name, src in (('student', run / 'ablate/runs/dpo/model/last'),
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + '\n')
     print(f'shipped {src} -> {target}')
 PY
+  # the pictures of the model card: training curves (with the input baselines) and the real scan
+  python - "$RUN" <<'PY'
+import sys
+from pathlib import Path
+from distdpo_training.engine.runlog import plot_log
+run = Path(sys.argv[1])
+plot_log(run / 'teacher/log.jsonl', Path('docs/default_teacher_training.png'))
+plot_log(run / 'ablate/runs/dpo/log.jsonl', Path('docs/default_student_training.png'))
+PY
+  if [ -f "$RUN/figures/real_scan.png" ]; then cp "$RUN/figures/real_scan.png" docs/real_scan_completion.png; fi
 fi
 cp "$RUN/ablate/ablation.md" "$RUN/model_card_tables.md"
 [ -f "$RUN/real_kitti/eval/results.md" ] && cat "$RUN/real_kitti/eval/results.md" >> "$RUN/model_card_tables.md"

@@ -11,6 +11,7 @@ SIGTERM / Ctrl-C.
 Run folder (OUT):
   config.yaml           the resolved configuration of the run
   log.jsonl             one JSON record per log step / validation
+  curves.png            training loss and validation metrics beside the input baselines
   tensorboard/          the same scalars for TensorBoard (when installed)
   state/last.safetensors, state/previous.safetensors, state/best.safetensors   training states
   model/last/, model/best/   the networks in our model format (what the Completer loads)
@@ -55,7 +56,7 @@ from distdpo_training.engine.data import (
     sample_generators,
 )
 from distdpo_training.engine.runlock import lock_run_folder
-from distdpo_training.engine.runlog import RunLog
+from distdpo_training.engine.runlog import RunLog, plot_log
 from distdpo_training.engine.state import load_state, save_state
 
 
@@ -452,6 +453,8 @@ class Engine:
             self.best = score
             self._save(task, 'best')
         if self.is_main:
+            with contextlib.suppress(ImportError):  # matplotlib: training extra
+                plot_log(log.path, log.path.with_name('curves.png'))
             shown = ', '.join(f'{k} {v:.4g}' for k, v in metrics.items())
             tqdm.write(f'[{self.loop}] step {self.step} validation: {shown}', file=sys.stderr)
 

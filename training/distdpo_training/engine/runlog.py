@@ -65,23 +65,44 @@ def read_log(path: Path, kind: str = 'train') -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_log(path: Path, out: Path, train_key: str = 'loss', val_key: str = 'cd') -> Path:
-    """A PNG of a run: the training loss and the validation metric against the step."""
+INPUT_LABELS = {'raw': 'raw scan', 'cond': 'conditioning points',
+                'jit': 'jittered conditioning', 'sub': 'raw scan subsampled'}
+
+
+def plot_log(path: Path, out: Path, train_keys: tuple[str, ...] = ('loss', 'assistant_loss'),
+             val_keys: tuple[str, ...] = ('cd', 'fscore')) -> Path:
+    """A PNG of a run: the first training loss of `train_keys` it logged (distillation logs
+    `assistant_loss`), then each validation metric against the step with the
+    input baselines of the same scans (`KEY_input_raw`, ...) as dashed lines, so the picture says
+    whether the model adds anything to its input."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: training-only dependency
     from matplotlib.figure import Figure
 
     from distdpo_ros.atomic import atomic_writer
 
-    train = [r for r in read_log(path) if train_key in r]
-    val = [r for r in read_log(path, kind='val') if val_key in r]
-    fig = Figure(figsize=(10, 4), dpi=120)
+    records = read_log(path)
+    train_key = next((k for k in train_keys if any(k in r for r in records)), train_keys[0])
+    train = [r for r in records if train_key in r]
+    val = read_log(path, kind='val')
+    keys = [k for k in val_keys if any(k in r for r in val)]
+    fig = Figure(figsize=(5 * (1 + len(keys)), 4), dpi=120)
     FigureCanvasAgg(fig)
-    ax_train, ax_val = fig.subplots(1, 2)
-    ax_train.plot([r['step'] for r in train], [r[train_key] for r in train], lw=1)
-    ax_train.set(xlabel='step', ylabel=train_key, title=f'training {train_key}')
-    ax_val.plot([r['step'] for r in val], [r[val_key] for r in val], 'o-')
-    ax_val.set(xlabel='step', ylabel=val_key, title=f'validation {val_key}')
-    for ax in (ax_train, ax_val):
+    axes = fig.subplots(1, 1 + len(keys), squeeze=False)[0]
+    axes[0].plot([r['step'] for r in train], [r[train_key] for r in train], lw=1)
+    axes[0].set(xlabel='step', ylabel=train_key, title=f'training {train_key}')
+    for ax, key in zip(axes[1:], keys, strict=True):
+        rows = [r for r in val if key in r]
+        ax.plot([r['step'] for r in rows], [r[key] for r in rows], 'o-', color='black',
+                label='model')
+        for name, label in INPUT_LABELS.items():
+            base = [r for r in rows if f'{key}_input_{name}' in r]
+            if base:
+                ax.plot([r['step'] for r in base], [r[f'{key}_input_{name}'] for r in base],
+                        '--', lw=1, label=f'input: {label}')
+        ax.set(xlabel='step', ylabel=key, title=f'validation {key}')
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
