@@ -402,6 +402,8 @@ class CompletionNode(Node):
 
     # ---- reporting ----------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
+        if self._stop.is_set():  # shutting down: the node's handles may be going away
+            return
         summary = self.stats.summary()
         previous, self._previous = self._previous, summary
         level, message = self._last_status
@@ -428,6 +430,8 @@ class CompletionNode(Node):
         self._diagnostics.publish(array)
 
     def _log_statistics(self) -> None:
+        if self._stop.is_set():
+            return
         s = self.stats.summary()
         timing = ''
         if 'latency_ms' in s:
