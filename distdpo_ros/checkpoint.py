@@ -334,7 +334,21 @@ class ModelBundle:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = 'cpu') -> ModelBundle:
-    """Build the networks of a checkpoint directory (or default model name) with its weights."""
+    """Build the networks of a checkpoint directory (or default model name) with its weights.
+
+    Loaded on one torch thread: a parallel region in the loading thread gives it an OpenMP team,
+    whose threads then compete with the team of the thread that runs the model (the node's
+    worker): measured 4-6x slower completions on 2 cores when a model loaded in the main thread
+    ran in another one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _load_model(path, device)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _load_model(path: str | os.PathLike, device: str | torch.device) -> ModelBundle:
     from distdpo_ros.models import DiffusionNet, RefineNet
 
     config, tensors = load_checkpoint(path)

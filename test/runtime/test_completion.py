@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,3 +403,35 @@ def test_anchored_trajectory_stays_at_the_scan(bundle, scan: np.ndarray) -> None
     nearest = np.sqrt(((out[:, None] - scan_points[None]) ** 2).sum(-1)).min(1)
     assert len(out) > 0.8 * MICRO.full_points and nearest.max() < 0.05
     assert set(stages) == {'preprocess', 'encode', 'denoise', 'postprocess'}
+
+
+_THREAD_TIMING = '''
+import json, sys, threading, time
+from distdpo_ros.completion import Completer
+from distdpo_ros.pointio import read_points
+scan = read_points(sys.argv[1])  # a real HDL-64E scan
+model = Completer.from_pretrained('default', device='cpu')  # loaded in the main thread
+def timed():
+    t0 = time.perf_counter()
+    model.complete(scan, steps=4, seed=0)
+    return time.perf_counter() - t0
+box = []
+worker = threading.Thread(target=lambda: box.extend([timed(), timed()]))
+worker.start()
+worker.join()
+print(json.dumps({'worker': box[1], 'main': min(timed(), timed())}))
+'''
+
+
+def test_a_model_loaded_in_one_thread_runs_at_full_speed_in_another(shared_data: Path) -> None:
+    """The node loads in the main thread and completes in its worker: the worker must not pay
+    for an OpenMP team left by the loading thread (it did: 4-6x slower on 2 cores)."""
+    import subprocess
+    import sys
+
+    scan = shared_data / 'real_scans' / 'semantickitti_000123.ply'
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}  # torch's default
+    done = subprocess.run([sys.executable, '-c', _THREAD_TIMING, str(scan)], capture_output=True,
+                          text=True, timeout=300, check=True, env=env)
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seconds['worker'] < 2.0 * seconds['main'], seconds
