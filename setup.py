@@ -39,7 +39,7 @@ setup(
         'tqdm>=4.60',
     ],
     extras_require={
-        # ROS 2 from PyPI wheels, for machines without a ROS install (on a robot rclpy comes from ROS).
+        # ROS 2 from PyPI wheels, for machines without ROS (on a robot rclpy comes from ROS).
         'ros': [
             'ros-kilted-rclpy[fastrtps]',
             'ros-kilted-sensor-msgs',
